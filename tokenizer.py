@@ -1,0 +1,429 @@
+"""Hierarchical (pyramid) autoencoder: paper §3.1, Fig. 1, Fig. 5, App. A.2.
+
+Every frame is encoded on its own into L levels of latent tokens. Level l holds
+(H/p/2^l)·(W/p/2^l) tokens of C channels (paper: 256/64/16/4 tokens of 32 channels for a 256² frame),
+and each level can be decoded alone into a whole frame: coarse levels keep layout and semantics, fine
+levels add texture.
+
+  encoder: box-filter image pyramid → one shared patch embedding for every level → 2D sin/cos position
+           in the token's own level grid + learned level embedding → one ViT over all levels' tokens at
+           once (coarse tokens can read the full-resolution image) → tanh(Linear(width → C)) bottleneck.
+  decoder: keep one level (the others are zeroed but stay in the sequence) → Linear(C → width) + the
+           same embeddings → DiT blocks with adaLN-Zero conditioned on the kept level → a Linear head
+           turning every token into a p×p RGB patch, i.e. a whole output pyramid.
+  loss:    equal-weight MSE over the output pyramid + lpips_weight · LPIPS(VGG) on level 0.
+
+The cascaded ablation (§5 Q1/Q2, Fig. 5 bottom, Fig. 6, `variant="cascaded"`) replaces the learned
+coarse levels by 2×2 mean pools of the level-0 latents.
+
+The transformer pieces (`Attention`, `Mlp`, `modulate`, `AdaLNBlock`, `sincos_embed`) are shared with
+diffusion.py.
+"""
+import os
+from dataclasses import dataclass, fields, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+# ----------------------------------------------------------------------------- config
+
+@dataclass
+class AEConfig:
+    # model (App. A.2): 256² frames, 16² patches, L = 4 levels, 32 channels, ViT-B encoder and decoder
+    image_size: int = 256
+    patch_size: int = 16
+    levels: int = 4
+    channels: int = 32            # C, latent channels per token
+    width: int = 768              # encoder and decoder are the same size (ViT-B / DiT-B)
+    depth: int = 12
+    heads: int = 12
+    mlp_ratio: float = 4.0
+    lpips_weight: float = 0.05    # LPIPS(VGG) on the level-0 output (§3.1)
+    variant: str = "hierarchical"  # "hierarchical" (learned levels) | "cascaded" (mean-pooled ablation, §5)
+    # training (App. A.2): 224 per GPU × 8 GPUs, 128k steps, lr 1e-3, wd 0.01, 2k-step linear warmup
+    batch_size: int = 224
+    steps: int = 128_000
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup: int = 2000
+
+    def __post_init__(self):
+        coarsest = self.patch_size * 2 ** (self.levels - 1)
+        checks = [
+            (self.levels >= 1, "levels", "at least 1"),
+            (self.image_size % coarsest == 0, "image_size",
+             f"a multiple of patch_size·2^(levels-1) = {coarsest}, so every level has whole patches"),
+            (self.width % self.heads == 0, "width", f"a multiple of heads = {self.heads}"),
+            (self.width % 4 == 0, "width", "a multiple of 4 (2D sin/cos positions)"),
+            (self.variant in ("hierarchical", "cascaded"), "variant", "'hierarchical' or 'cascaded'"),
+            (self.lpips_weight >= 0, "lpips_weight", ">= 0"),
+        ]
+        for ok, name, expected in checks:
+            if not ok:
+                raise ValueError(f"AEConfig.{name} = {getattr(self, name)!r}: expected {expected}")
+
+
+PRESETS = {
+    "paper": {},
+    # toy: 64² maze frames, patch 8 → 8²/4²/2²/1² = 64+16+4+1 tokens, ~8 M parameters, minutes on one
+    # GPU. lpips_weight 0 (our choice): the toy must run offline on any machine, and LPIPS(VGG) needs
+    # 528 MB of ImageNet weights; pass --lpips_weight=0.05 to follow the paper once they are supplied.
+    "toy": dict(image_size=64, patch_size=8, levels=4, channels=16, width=256, depth=4, heads=4,
+                lpips_weight=0.0, batch_size=128, steps=10_000, warmup=500),
+    # tiny: 32² frames, patch 8 → 16+4+1 tokens, for CPU tests; no LPIPS (no VGG weights needed).
+    "tiny": dict(image_size=32, patch_size=8, levels=3, channels=8, width=64, depth=2, heads=2,
+                 lpips_weight=0.0, batch_size=8, steps=50, warmup=10),
+}
+
+
+def ae_config(preset="paper", **overrides):
+    """The named preset's AEConfig with `overrides` applied (unknown keys and wrong types are errors)."""
+    if preset not in PRESETS:
+        raise ValueError(f"ae_config: unknown preset {preset!r}; expected one of {sorted(PRESETS)}")
+    defaults = {f.name: f.default for f in fields(AEConfig)}
+    for key, value in overrides.items():
+        if key not in defaults:
+            raise ValueError(f"ae_config: unknown key {key!r}; expected one of {list(defaults)}")
+        kind = type(defaults[key])
+        if not (isinstance(value, kind) or (kind is float and type(value) is int)):
+            raise ValueError(f"ae_config: {key}={value!r} should be a {kind.__name__}")
+    return replace(AEConfig(), **{**PRESETS[preset], **overrides})
+
+
+def num_params(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+# ----------------------------------------------------------------------------- pyramid and patches
+
+def box_pyramid(x, levels):
+    """Image pyramid (§3.1): level 0 is the frame, level l+1 the 2×2 average pool of level l."""
+    pyramid = [x]                                            # (B, 3, H, W)
+    for _ in range(levels - 1):
+        pyramid.append(F.avg_pool2d(pyramid[-1], 2))         # (B, 3, H/2^l, W/2^l)
+    return pyramid
+
+
+def patchify(img, p):
+    """(B, c, H, W) → (B, H/p·W/p, c·p·p): p×p patches row-major, each flattened as (channel, row, col)."""
+    B, c, H, W = img.shape
+    x = img.reshape(B, c, H // p, p, W // p, p)              # (B, c, h, p, w, p)
+    x = x.permute(0, 2, 4, 1, 3, 5)                          # (B, h, w, c, p, p)
+    return x.reshape(B, (H // p) * (W // p), c * p * p)      # (B, h·w, c·p·p)
+
+
+def unpatchify(tokens, p, h, w):
+    """Inverse of patchify for RGB: (B, h·w, 3·p·p) → (B, 3, h·p, w·p)."""
+    B = tokens.shape[0]
+    x = tokens.reshape(B, h, w, 3, p, p)                     # (B, h, w, 3, p, p)
+    x = x.permute(0, 3, 1, 4, 2, 5)                          # (B, 3, h, p, w, p)
+    return x.reshape(B, 3, h * p, w * p)                     # (B, 3, H, W)
+
+
+def mean_pool_tokens(z, h, w):
+    """2×2 mean pool of a row-major token grid: (B, h·w, C) → (B, h/2·w/2, C) (cascaded ablation)."""
+    B, _, C = z.shape
+    grid = z.transpose(1, 2).reshape(B, C, h, w)             # (B, C, h, w)
+    return F.avg_pool2d(grid, 2).flatten(2).transpose(1, 2)  # (B, h/2·w/2, C)
+
+
+# ----------------------------------------------------------------------------- positions
+
+def sincos_embed(pos, dim):
+    """1D sin/cos embedding (Transformer, MAE): pos (...) → (..., dim), [sin(pos·ω_i), cos(pos·ω_i)] with
+    ω_i = 10000^(-i/(dim/2)), i < dim/2."""
+    omega = 10000.0 ** -(torch.arange(dim // 2, dtype=torch.float32, device=pos.device) / (dim // 2))
+    angle = pos.float()[..., None] * omega                   # (..., dim/2)
+    return torch.cat([angle.sin(), angle.cos()], dim=-1)     # (..., dim)
+
+
+def pyramid_layout(grids, width):
+    """Per-token 2D sin/cos position (T, width) and level index (T,), level-major then row-major.
+    Rows fill the first half of the channels, columns the second (MAE). (row, col) count in the token's
+    own level grid, not rescaled to level 0 (§3.1); the level embedding tells the levels apart."""
+    pos, level = [], []
+    for l, (h, w) in enumerate(grids):
+        row, col = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")  # (h, w) each
+        pos.append(torch.cat([sincos_embed(row.flatten(), width // 2),
+                              sincos_embed(col.flatten(), width // 2)], dim=-1))   # (h·w, width)
+        level.append(torch.full((h * w,), l))
+    return torch.cat(pos), torch.cat(level)                  # (T, width), (T,)
+
+
+# ----------------------------------------------------------------------------- transformer pieces
+
+class PatchEmbed(nn.Module):
+    """One Linear over flattened p×p RGB patches, shared by every pyramid level (§3.1)."""
+
+    def __init__(self, patch_size, width):
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Linear(3 * patch_size ** 2, width)
+
+    def forward(self, img):                                  # (B, 3, H, W) → (B, H/p·W/p, width)
+        return self.proj(patchify(img, self.patch_size))
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention, q and k RMS-normalised per head (keeps the logits bounded in bf16)."""
+
+    def __init__(self, width, heads):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(width, 3 * width)
+        self.q_norm = nn.RMSNorm(width // heads)
+        self.k_norm = nn.RMSNorm(width // heads)
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, x):                                    # (B, T, D) → (B, T, D)
+        B, T, D = x.shape
+        qkv = self.qkv(x).reshape(B, T, 3, self.heads, D // self.heads)  # (B, T, 3, heads, D/heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)                 # 3 × (B, heads, T, D/heads)
+        # the norms run in fp32 even under bf16 autocast, then match v's dtype for the fused kernel
+        q, k = self.q_norm(q.float()).to(v.dtype), self.k_norm(k.float()).to(v.dtype)
+        x = F.scaled_dot_product_attention(q, k, v)          # (B, heads, T, D/heads)
+        x = x.transpose(1, 2).reshape(B, T, D)               # (B, T, D)
+        return self.proj(x)
+
+
+class Mlp(nn.Module):
+    """Transformer feed-forward: Linear → GELU(tanh) → Linear, hidden width mlp_ratio·width."""
+
+    def __init__(self, width, mlp_ratio):
+        super().__init__()
+        self.fc1 = nn.Linear(width, int(width * mlp_ratio))
+        self.act = nn.GELU(approximate="tanh")
+        self.fc2 = nn.Linear(int(width * mlp_ratio), width)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm ViT block (encoder). Like the authors, the LayerNorms carry no gain or bias."""
+
+    def __init__(self, width, heads, mlp_ratio):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(width, heads)
+        self.norm2 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(width, mlp_ratio)
+
+    def forward(self, x):                                    # (B, T, D) → (B, T, D)
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+def modulate(x, shift, scale):
+    # adaLN (DiT): x·(1 + scale) + shift, so zero modulation leaves the normalised x unchanged
+    return x * (1 + scale) + shift
+
+
+class AdaLNBlock(nn.Module):
+    """DiT block with adaLN-Zero: shift, scale and gate of both sub-layers come from the condition c,
+    either one vector per sample (B, D) or one per token (B, T, D)."""
+
+    def __init__(self, width, heads, mlp_ratio):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(width, heads)
+        self.norm2 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(width, mlp_ratio)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))
+
+    def forward(self, x, c):                                 # x (B, T, D), c (B, D) or (B, T, D)
+        m = self.adaLN_modulation(c)                         # (B, 6D) or (B, T, 6D)
+        if m.dim() == 2:
+            m = m[:, None]                                   # (B, 1, 6D): one condition for every token
+        shift1, scale1, gate1, shift2, scale2, gate2 = m.chunk(6, dim=-1)  # 6 × (B, 1 or T, D)
+        x = x + gate1 * self.attn(modulate(self.norm1(x), shift1, scale1))
+        return x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))
+
+
+# ----------------------------------------------------------------------------- encoder and decoder
+
+class Encoder(nn.Module):
+    """Image → all levels' latents at once: (B, 3, H, W) → (B, T, C), T = Σ_l T_l (§3.1)."""
+
+    def __init__(self, cfg, grids):
+        super().__init__()
+        self.levels = cfg.levels
+        self.patch_embed = PatchEmbed(cfg.patch_size, cfg.width)
+        self.level_embed = nn.Embedding(cfg.levels, cfg.width)
+        self.blocks = nn.ModuleList(Block(cfg.width, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth))
+        self.bottleneck = nn.Linear(cfg.width, cfg.channels)
+        pos, token_level = pyramid_layout(grids, cfg.width)
+        # fixed tables, rebuilt from the config: kept out of the state_dict
+        self.register_buffer("pos", pos, persistent=False)                  # (T, D)
+        self.register_buffer("token_level", token_level, persistent=False)  # (T,)
+
+    def forward(self, x):
+        # the same patch embedding for every pyramid level, tokens level-major then row-major
+        tokens = torch.cat([self.patch_embed(img) for img in box_pyramid(x, self.levels)], dim=1)  # (B, T, D)
+        h = tokens + self.pos + self.level_embed(self.token_level)
+        for block in self.blocks:                            # joint attention over every level's tokens
+            h = block(h)
+        # bottleneck: deterministic, bounded latents; no KL, noise or quantisation (§3.1)
+        return torch.tanh(self.bottleneck(h))                # (B, T, C)
+
+
+class Decoder(nn.Module):
+    """Latents with one kept level → output pyramid patches: (B, T, C), (B,) → (B, T, 3·p·p) (§3.1)."""
+
+    def __init__(self, cfg, grids):
+        super().__init__()
+        self.in_proj = nn.Linear(cfg.channels, cfg.width)
+        # one table for the per-token level embedding and the adaLN condition (as the authors do)
+        self.level_embed = nn.Embedding(cfg.levels, cfg.width)
+        self.blocks = nn.ModuleList(AdaLNBlock(cfg.width, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth))
+        # no final norm or final adaLN before the head: the authors' layout, which gives the paper's 128.2 M
+        self.head = nn.Linear(cfg.width, 3 * cfg.patch_size ** 2)
+        pos, token_level = pyramid_layout(grids, cfg.width)
+        self.register_buffer("pos", pos, persistent=False)                  # (T, D)
+        self.register_buffer("token_level", token_level, persistent=False)  # (T,)
+
+    def forward(self, z, level):                             # z (B, T, C), level (B,) long
+        h = self.in_proj(z) + self.pos + self.level_embed(self.token_level)  # (B, T, D)
+        c = self.level_embed(level)                          # (B, D): the kept level conditions every block
+        for block in self.blocks:
+            h = block(h, c)
+        return self.head(h)                                  # (B, T, 3·p·p), no sigmoid
+
+
+# ----------------------------------------------------------------------------- loss and LPIPS
+
+def pyramid_mse(pred, target):
+    """Equal-weight pyramid MSE (§3.1). Each token's squared error gets weight 4^l, then the mean over all
+    T tokens of all levels is taken. With T_l = T_0/4^l tokens at level l:
+        (1/T)·Σ_l 4^l·T_l·MSE_l = (T_0/T)·Σ_l MSE_l,
+    so every level counts the same although level l has 4^-l as many pixels. Returns (loss, [MSE_l])."""
+    mse = [F.mse_loss(p.float(), t.float()) for p, t in zip(pred, target)]  # per-pixel MSE per level
+    pixels = [t.shape[-2] * t.shape[-1] for t in target]    # ∝ T_l
+    loss = sum(4 ** l * n * m for l, (n, m) in enumerate(zip(pixels, mse))) / sum(pixels)
+    return loss, mse
+
+
+def lpips_vgg():
+    """The frozen LPIPS(VGG) loss, from local weights only. torchvision's VGG16 ImageNet weights are looked
+    up in the torch hub cache before anything is built, so a missing file is a clear error instead of a
+    download (lpips' own linear heads ship inside the pip package)."""
+    import lpips
+    import torchvision
+    url = torchvision.models.VGG16_Weights.IMAGENET1K_V1.url
+    name = os.path.basename(url)                             # vgg16-397923af.pth
+    path = os.path.join(torch.hub.get_dir(), "checkpoints", name)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"LPIPS(VGG) for the autoencoder loss needs torchvision's VGG16 ImageNet weights at {path} "
+            f"(weights are never downloaded at run time). Place {name} (from {url}) in "
+            f"$TORCH_HOME/hub/checkpoints/ (TORCH_HOME defaults to ~/.cache/torch), "
+            f"or train without the perceptual term: --lpips_weight=0")
+    return lpips.LPIPS(net="vgg", verbose=False)
+
+
+# ----------------------------------------------------------------------------- the autoencoder
+
+class HierarchicalAutoencoder(nn.Module):
+    """Pyramid autoencoder (§3.1). `encode` gives every level, `decode` reconstructs from one, `loss` is
+    the whole training objective."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        s = cfg.image_size // cfg.patch_size
+        self.grids = [(s >> l, s >> l) for l in range(cfg.levels)]      # (h_l, w_l): 16², 8², 4², 2²
+        self.tokens_per_level = [h * w for h, w in self.grids]          # T_l: 256, 64, 16, 4
+        self.encoder = Encoder(cfg, self.grids)
+        self.decoder = Decoder(cfg, self.grids)
+        self.initialize_weights()
+        # LPIPS lives outside the module tree: never in state_dict or parameters(), never moved by .to(),
+        # never switched to train mode (its heads have dropout). Attached by load_lpips().
+        object.__setattr__(self, "lpips", None)
+
+    def initialize_weights(self):
+        # every Linear (patch embedding, attention, MLP, bottleneck, in_proj, head): Xavier-uniform
+        # weight and zero bias, as in ViT/DiT
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        # level embeddings: N(0, 1) (nn.Embedding's default, the authors' choice), the same scale as
+        # the sin/cos positions, so the adaLN condition is distinct for each level from step one
+        for table in (self.encoder.level_embed, self.decoder.level_embed):
+            nn.init.normal_(table.weight, std=1.0)
+        # adaLN-Zero (DiT): zero modulation → zero gates, so every decoder block starts as the identity
+        for block in self.decoder.blocks:
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+
+    def encode(self, x):
+        """x (B, 3, H, W) in [0, 1] → list over levels of latents (B, T_l, C) in [-1, 1]."""
+        S = self.cfg.image_size
+        if x.dim() != 4 or tuple(x.shape[1:]) != (3, S, S):
+            raise ValueError(f"encode: x has shape {tuple(x.shape)}, expected (B, 3, {S}, {S})")
+        z = list(self.encoder(x).split(self.tokens_per_level, dim=1))  # [(B, T_l, C)]
+        if self.cfg.variant == "cascaded":
+            # ablation (§5): coarse levels are mean pools of level 0, not learned. Detached, so they
+            # train the decoder only; otherwise encoder and decoder could still learn coarse codes
+            # through the pooling (the authors' reason)
+            pooled = z[0].detach()
+            for l in range(1, self.cfg.levels):
+                pooled = mean_pool_tokens(pooled, *self.grids[l - 1])  # (B, T_l, C)
+                z[l] = pooled
+        return z
+
+    def keep_level(self, z, level):
+        """Decoder input: all levels in one fixed-length sequence (B, T, C) with every level but the kept
+        one set to zero (§3.1), and level as a (B,) long tensor. z entries may be None (= zeros)."""
+        if len(z) != self.cfg.levels:
+            raise ValueError(f"decode: z has {len(z)} levels, expected {self.cfg.levels}")
+        ref = next(t for t in z if t is not None)
+        B, C = ref.shape[0], self.cfg.channels
+        z = torch.cat([t if t is not None else ref.new_zeros(B, n, C)
+                       for t, n in zip(z, self.tokens_per_level)], dim=1)  # (B, T, C)
+        if isinstance(level, int) and not 0 <= level < self.cfg.levels:
+            raise ValueError(f"decode: level {level} outside 0..{self.cfg.levels - 1}")
+        level = torch.as_tensor(level, device=z.device).long().expand(B)   # (B,)
+        keep = self.decoder.token_level[None, :] == level[:, None]         # (B, T)
+        return torch.where(keep[..., None], z, 0.0), level
+
+    def decode(self, z, level):
+        """z: list over levels of (B, T_l, C); level: int or (B,) long tensor, the one level kept.
+        Returns the output pyramid [(B, 3, H/2^l, W/2^l)] for l = 0..L-1, unclamped. Inference uses
+        level 0 of it; the coarse outputs only help training (§3.1)."""
+        out = self.decoder(*self.keep_level(z, level))       # (B, T, 3·p·p)
+        p = self.cfg.patch_size
+        return [unpatchify(tokens, p, h, w)                  # (B, 3, h·p, w·p)
+                for tokens, (h, w) in zip(out.split(self.tokens_per_level, dim=1), self.grids)]
+
+    def load_lpips(self, net=None):
+        """Attach the frozen LPIPS network the loss uses; None builds LPIPS(VGG) from local weights and
+        raises FileNotFoundError saying how to supply them. Call it before training starts."""
+        net = lpips_vgg() if net is None else net
+        object.__setattr__(self, "lpips", net.eval().requires_grad_(False))
+        return net
+
+    def loss(self, x, level=None, generator=None):
+        """The whole objective (§3.1) for frames x (B, 3, H, W) in [0, 1]. The kept level is drawn
+        uniformly per sample unless `level` is given. Returns (loss, stats) with stats the floats
+        loss, mse0..mse{L-1} (per-pixel MSE per output level) and lpips (when lpips_weight > 0)."""
+        if level is None:
+            level = torch.randint(self.cfg.levels, (x.shape[0],), device=x.device, generator=generator)
+        pred = self.decode(self.encode(x), level)            # whole output pyramid, whatever level was kept
+        loss, mse = pyramid_mse(pred, box_pyramid(x, self.cfg.levels))
+        stats = {f"mse{l}": m.item() for l, m in enumerate(mse)}
+        if self.cfg.lpips_weight > 0:
+            if self.lpips is None:
+                self.load_lpips()
+            # perceptual term on the full-resolution output only; normalize=True maps [0, 1] to [-1, 1]
+            perceptual = self.lpips.to(x.device)(pred[0], x, normalize=True).mean()
+            loss = loss + self.cfg.lpips_weight * perceptual
+            stats["lpips"] = perceptual.item()
+        stats["loss"] = loss.item()
+        return loss, stats
+
+    def forward(self, x, level=None, generator=None):
+        # calling the model runs the objective, so DistributedDataParallel(model)(x) syncs gradients
+        return self.loss(x, level, generator)
