@@ -1,0 +1,405 @@
+"""Rollout strategies as exact step enumerations (paper §3.2, Fig. 2, Fig. 10, Fig. 11, App. A.2-A.3).
+
+A video is generated in chunks of N frames; inside a chunk a fixed list of rollout steps runs, one
+transformer sequence each. A step is a grid sel[level, frame] of UNSEEN / CONTEXT / DENOISED: every
+non-UNSEEN cell becomes that level's T_l = T_0 / 4^l tokens, clean (CONTEXT) or generated (DENOISED).
+MilliVid rolls the coarsest level far ahead, then upsamples level by level; every step sees the finest
+most recent frame and the coarse plan of the future, so super-resolution and temporal rollout cannot
+disagree (the stop/go sign of §3.2). All its steps have the same token count, so training stacks
+randomly drawn steps into one batch without padding (§3.2, Training Procedure).
+
+This half is integer bookkeeping (no torch): the strategies, the training distribution, chunk sliding,
+a step's token layout, the cost figures of App. A.3, and a command that prints or draws a strategy:
+
+    python rollout.py show millivid --frames-per-level 1 4 16 --extra-budget 256 --tokens 256
+    python rollout.py show framepack --preset toy --dense --figures --image framepack.png
+    python rollout.py cost --preset paper
+"""
+import argparse
+import math
+import os
+from collections import Counter
+from dataclasses import dataclass
+from fractions import Fraction
+
+import numpy as np
+
+UNSEEN, CONTEXT, DENOISED = 0, 1, 2
+SYMBOLS = ".CD"  # the notation of ../shared/spec/rollout-example-3-levels.txt
+
+
+@dataclass
+class Step:
+    selection: np.ndarray  # (L, N) int64: UNSEEN / CONTEXT / DENOISED per (level, chunk-local frame)
+    group: int | None      # MilliVid / upscale: the target level; one-step strategies: None
+
+
+def _positive(name, values, minimum=1):
+    values = [int(v) for v in values]
+    if not values or min(values) < minimum:
+        raise ValueError(f"{name}: expected a non-empty list of integers >= {minimum}, got {values}")
+    return values
+
+
+def _level_tokens(tokens_per_frame, num_levels):
+    # T_l = T_0 / 4^l: each level halves the grid's height and width (§3.1)
+    if tokens_per_frame < 1 or tokens_per_frame % 4 ** (num_levels - 1):
+        raise ValueError(f"tokens_per_frame={tokens_per_frame}: expected a positive multiple of "
+                         f"4^(levels-1) = {4 ** (num_levels - 1)}")
+    return [tokens_per_frame // 4**l for l in range(num_levels)]
+
+
+def millivid_steps(frames_per_level, extra_budget, tokens_per_frame):
+    """MilliVid's coarse-to-fine rollout of one chunk (§3.2, Fig. 2, Fig. 10): 1 + 4 + 16 + ... steps."""
+    W = _positive("frames_per_level", frames_per_level)
+    L = len(W)
+    if any(W[l + 1] % W[l] for l in range(L - 1)) or extra_budget < 0:
+        raise ValueError(f"frames_per_level={W}, extra_budget={extra_budget}: each W_(l+1) must be a "
+                         "multiple of W_l (the paper uses 4x) and the extra budget >= 0")
+    T = _level_tokens(tokens_per_frame, L)
+    E = [extra_budget // T[l] for l in range(L)]  # extra same-level context frames of a target level
+    N = sum(W) + E[-1]
+    pos = [N - W[-1] - W[l] for l in range(L)]  # window starts, one window before the new region
+
+    def selection(target):
+        sel = np.zeros((L, N), np.int64)
+        left = right = pos[0]  # the visible span [left, right), grown outwards from the present
+        for l in range(L):  # fine (0) to coarse (L-1)
+            if l == target:  # its window is generated; the E_T frames just before the span are context
+                sel[l, pos[l]:pos[l] + W[l]] = DENOISED
+                left -= E[l]
+                sel[l, left:left + E[l]] = CONTEXT
+                continue
+            lo, hi = pos[l], pos[l] + W[l]  # its nominal window, split by the visible span:
+            a = max(0, min(hi, left) - lo)   # frames before the span
+            c = max(0, hi - max(lo, right))  # frames at/after its end: the future keeps its true place
+            b = W[l] - a - c                 # frames already shown finer: this quota moves into the past
+            sel[l, left - a - b:left] = CONTEXT
+            sel[l, right:right + c] = CONTEXT
+            left, right = left - a - b, right + c
+        if left < 0 or right > N:
+            raise ValueError(f"frames_per_level={W}: a step reaches outside its chunk of {N} frames")
+        return sel
+
+    steps = []
+
+    def visit(l):  # depth first: parent before children, children left to right (Fig. 10)
+        pos[l] += W[l]
+        steps.append(Step(selection(l), group=l))
+        for _ in range(W[l] // W[l - 1] if l > 0 else 0):
+            visit(l - 1)
+
+    visit(L - 1)
+    return steps
+
+
+def baseline_steps(num_frames):
+    """Full-resolution autoregressive rollout (§4 Models, Fig. 11): one level, one step, the first n // 2
+    frames context, the rest denoised (paper: n = 14, 7 + 7 frames, 3584 tokens)."""
+    n = _positive("num_frames", [num_frames], minimum=2)[0]
+    sel = np.full((1, n), DENOISED, np.int64)
+    sel[0, :n // 2] = CONTEXT
+    return [Step(sel, None)]
+
+
+def _framepack_context(K, future):
+    # context runs oldest -> newest from coarsest to finest: level L-1 first, level 0 last (Fig. 11)
+    sel, f = np.zeros((len(K), sum(K) + future), np.int64), 0
+    for l in reversed(range(len(K))):
+        sel[l, f:f + K[l]] = CONTEXT
+        f += K[l]
+    return sel, f
+
+
+def framepack_steps(num_denoised, context_frames_per_level):
+    """FramePack (§4 Models, §5 Q3, Fig. 11): one step, K_l context frames at level l, the final d frames
+    denoised at every level (on hierarchical latents they later serve as coarse context). The dense
+    paper baseline runs this selection through step_layout(dense=True): a frame enters once, in the
+    group of its finest level, so its d new frames are full resolution."""
+    K = _positive("context_frames_per_level", context_frames_per_level, minimum=0)
+    d = _positive("num_denoised", [num_denoised])[0]
+    sel, D0 = _framepack_context(K, d)
+    sel[:, D0:] = DENOISED
+    return [Step(sel, None)]
+
+
+def framepack_mirrored_steps(denoised_frames_per_level, context_frames_per_level):
+    """Mirrored FramePack (§5 Q3, Fig. 11): the targets mirror the context. The first D_0 future frames
+    are denoised at every level, the next D_1 at level 1 only, and so on. Only the first D_0 are kept:
+    pass num_clipped = sum(D) - D_0 to `schedule`; later chunks regenerate the rest (later writes win)."""
+    K = _positive("context_frames_per_level", context_frames_per_level, minimum=0)
+    D = _positive("denoised_frames_per_level", denoised_frames_per_level, minimum=0)
+    if len(D) != len(K) or D[0] < 1:
+        raise ValueError(f"denoised_frames_per_level={D}: expected one value per level of "
+                         f"context_frames_per_level={K}, with D_0 >= 1")
+    sel, f = _framepack_context(K, sum(D))
+    sel[:, f:f + D[0]] = DENOISED
+    for l in range(1, len(D)):
+        f += D[l - 1]
+        sel[l, f:f + D[l]] = DENOISED
+    return [Step(sel, None)]
+
+
+def rollout_upscale_steps(base_frames, num_levels):
+    """Rollout + upscale (§3.2 inset, Fig. 11 left): the coarsest level rolls out alone, each finer level
+    rolls out from its recent past plus the next-coarser level. Widths w_l = B 4^l, the top's 9/8 of that,
+    so every step has 9/8 B T_0 tokens (w_l T_l + w_l/2 T_(l+1) = B T_0 + B T_0 / 8)."""
+    B, L = int(base_frames), int(num_levels)
+    if L < 2 or B < 2 or B % 2 or (B * 4 ** (L - 1)) % 16:
+        raise ValueError(f"base_frames={B}, num_levels={L}: expected >= 2 levels and an even B with "
+                         "B * 4^(levels-1) divisible by 16 (so the top width, 9/8 of it, is even)")
+    w = [B * 4**l for l in range(L - 1)] + [B * 4 ** (L - 1) * 9 // 8]
+    N = w[-1] * 3 // 2  # the top steps twice; every level denoises the same new frames [w_top / 2, N)
+    steps = []
+    for l in reversed(range(L)):  # coarse to fine
+        s, half = (w[-1] - w[l]) // 2, w[l] // 2
+        while s + w[l] <= N:
+            sel = np.zeros((L, N), np.int64)
+            sel[l, s:s + half] = CONTEXT
+            sel[l, s + half:s + w[l]] = DENOISED
+            if l < L - 1:
+                sel[l + 1, s + half:s + w[l]] = CONTEXT  # the coarse version of the frames it upscales
+            steps.append(Step(sel, l))
+            s += half
+    return steps
+
+
+def step_probabilities(steps):
+    """Training distribution (§3.2, Training Procedure): each group gets 1 / num_groups, split evenly
+    inside it: p(step) = 1 / (num_groups * size_of_its_group)."""
+    size = Counter(s.group for s in steps)
+    return np.array([1.0 / (len(size) * size[s.group]) for s in steps])
+
+
+def first_denoised(steps):
+    """D0: the first chunk-local frame that any step denoises."""
+    return min(int(np.flatnonzero((s.selection == DENOISED).any(0))[0]) for s in steps)
+
+
+def schedule(steps, start, end, num_clipped=0):
+    """Chunks that generate frames [start, end): w = N - D0 - num_clipped finished frames per chunk,
+    chunk k starts at global frame start - D0 + k w. Returns (chunk_starts, the frame count the buffer
+    must hold); the last chunk may overshoot `end` (pad it with zero latents and continued actions)."""
+    N, D0 = steps[0].selection.shape[1], first_denoised(steps)
+    w = N - D0 - num_clipped
+    if w < 1 or num_clipped < 0:
+        raise ValueError(f"num_clipped={num_clipped}: leaves {w} finished frames of a {N}-frame chunk with D0={D0}")
+    if start < D0 or end <= start:
+        raise ValueError(f"start={start}, end={end}: expected D0={D0} <= start < end "
+                         "(the first chunk's context is ground truth)")
+    chunk_starts = [start - D0 + k * w for k in range(math.ceil((end - start) / w))]
+    return chunk_starts, chunk_starts[-1] + N
+
+
+def _cells(selection, dense):
+    seen = selection != UNSEEN
+    # dense FramePack: a frame enters once, in the group of its finest non-UNSEEN level
+    return seen & (np.cumsum(seen, axis=0) == 1) if dense else seen
+
+
+def level_tokens(selection, tokens_per_frame, dense=False):
+    """Tokens each level (dense: each packing group k, T_0 / 4^k per frame) adds to a step: (L,)."""
+    return _cells(selection, dense).sum(1) * np.array(_level_tokens(tokens_per_frame, len(selection)))
+
+
+def step_layout(selection, grids, dense=False):
+    """A step's tokens, level-major, then frame ascending, then row-major in the grid (CONTRACTS.md):
+    int64 arrays (T,) frame, level, row, col, role. dense=True: each frame's finest cell becomes raw
+    level-0 tokens (grids[0]) with level = its group k; the dense model packs them itself."""
+    L = len(selection)
+    if len(grids) < L:
+        raise ValueError(f"grids: expected at least {L} (h, w) pairs for a {L}-level selection, got {grids}")
+    cells, out = _cells(selection, dense), {k: [] for k in ("frame", "level", "row", "col", "role")}
+    for l in range(L):
+        (h, w), f = grids[0] if dense else grids[l], np.flatnonzero(cells[l])
+        out["frame"].append(np.repeat(f, h * w))  # (F_l h w,)
+        out["level"].append(np.full(len(f) * h * w, l))
+        out["row"].append(np.tile(np.repeat(np.arange(h), w), len(f)))
+        out["col"].append(np.tile(np.arange(w), h * len(f)))
+        out["role"].append(np.repeat(selection[l, f], h * w))
+    return {k: np.concatenate(v).astype(np.int64) for k, v in out.items()}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Derived figures and the cost table (App. A.3)
+
+def figures(steps, tokens_per_frame, start, end, num_clipped=0, dense=False, sampling_steps=50):
+    """Chunk frames N, first denoised frame D0, finished frames per chunk, tokens per step (and per
+    level, (steps, L)), and the cost of generating [start, end): network evaluations = rollout steps x
+    sampling steps (App. A.3)."""
+    per_level = np.stack([level_tokens(s.selection, tokens_per_frame, dense) for s in steps])
+    chunk_starts, buffer_end = schedule(steps, start, end, num_clipped)
+    N, D0, rollout_steps = len(steps[0].selection[0]), first_denoised(steps), len(chunk_starts) * len(steps)
+    return dict(chunk_frames=N, first_denoised=D0, new_frames=N - D0 - num_clipped, steps_per_chunk=len(steps),
+                tokens=int(per_level.sum(1).max()), equal_tokens=len(set(per_level.sum(1))) == 1,
+                level_tokens=per_level, chunk_starts=chunk_starts, buffer_end=buffer_end,
+                rollout_steps=rollout_steps, nfe=rollout_steps * sampling_steps)
+
+
+PRESETS = {  # CONTRACTS.md: equal tokens per step within a preset; start/end: evaluation frames
+    "paper": dict(tokens_per_frame=256, frames_per_level=[3, 12, 48, 192], extra_budget=768, num_denoised=3,
+                  context_frames=[3, 12, 48, 192], num_frames=14, start=256, end=1024),
+    "toy": dict(tokens_per_frame=64, frames_per_level=[1, 4, 16, 64], extra_budget=64, num_denoised=1,
+                context_frames=[1, 4, 16, 64], num_frames=5, start=128, end=384),
+    "tiny": dict(tokens_per_frame=16, frames_per_level=[1, 4, 16], extra_budget=16, num_denoised=1,
+                 context_frames=[1, 4, 16], num_frames=4, start=32, end=96),
+}
+
+
+def cli_steps(strategy, a):
+    """(steps, num_clipped) of a strategy from the command's settings `a` (a preset plus overrides)."""
+    if strategy == "millivid":
+        return millivid_steps(a["frames_per_level"], a["extra_budget"], a["tokens_per_frame"]), 0
+    elif strategy == "framepack":
+        return framepack_steps(a["num_denoised"], a["context_frames"]), 0
+    elif strategy == "framepack-mirrored":  # default: the targets mirror the context exactly (§5 Q3)
+        D = a.get("denoised_frames") or a["context_frames"]
+        return framepack_mirrored_steps(D, a["context_frames"]), sum(D) - D[0]
+    elif strategy == "fullres":
+        return baseline_steps(a["num_frames"]), 0
+    return rollout_upscale_steps(a.get("base_frames") or 2, a.get("levels") or len(a["frames_per_level"])), 0
+
+
+def cost_table(a, sampling_steps=50):
+    """App. A.3 at equal budget: MilliVid, FramePack (dense, the paper's baseline), full resolution."""
+    start, end, rows, fig = a["start"], a["end"], [], {}
+    for name, dense in (("millivid", False), ("framepack", True), ("fullres", False)):
+        steps, clipped = cli_steps(name, a)
+        f = fig[name] = figures(steps, a["tokens_per_frame"], start, end, clipped, dense, sampling_steps)
+        rows.append(f"{name:<11}{f['tokens']:>7}{f['chunk_frames']:>8}{f['first_denoised']:>5}{f['new_frames']:>10}"
+                    f"{f['steps_per_chunk']:>12}{len(f['chunk_starts']):>7}{f['rollout_steps']:>14}{f['nfe']:>8}")
+    m, p = fig["millivid"], fig["framepack"]
+    total = Fraction(m["rollout_steps"], p["rollout_steps"])
+    # per generated frame: (1 + 4 + 16 + 64) / 64 = 85/64 for 4 levels, "about 33% more" (App. A.3)
+    per_frame = Fraction(m["steps_per_chunk"] * p["new_frames"], m["new_frames"] * p["steps_per_chunk"])
+    return "\n".join([
+        f"cost of generating frames [{start}, {end}) = {end - start} frames, {sampling_steps} sampling steps "
+        "per rollout step (App. A.3)",
+        f"{'strategy':<11}{'tokens':>7}{'chunk N':>8}{'D0':>5}{'new/chunk':>10}{'steps/chunk':>12}"
+        f"{'chunks':>7}{'rollout steps':>14}{'NFE':>8}", *rows,
+        f"MilliVid / FramePack rollout steps: {m['rollout_steps']}/{p['rollout_steps']} = {total} = "
+        f"{float(total):.3f} (per generated frame: {per_frame}; paper: \"about 33% more\")"]) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Showing a strategy: text grids (the spec's example notation) and Fig. 10-style pictures
+
+def format_steps(steps, tokens_per_frame, dense=False):
+    """Text grids: one row per level, coarsest on top; `.` UNSEEN, `C` CONTEXT, `D` DENOISED."""
+    L, N = steps[0].selection.shape
+    out = [f"chunk frames {N} steps {len(steps)}"]
+    for i, s in enumerate(steps):
+        out.append(f"step {i}" + ("" if s.group is None else f" target level {s.group}"))
+        out += [f"  L{l} " + "".join(SYMBOLS[v] for v in s.selection[l]) for l in reversed(range(L))]
+        out.append(f"  tokens {level_tokens(s.selection, tokens_per_frame, dense).sum()}")
+    return "\n".join(out) + "\n"
+
+
+# Fig. 10's states: UNSEEN cells are "fixed" (already generated) or "pending" (not yet generated)
+COLOURS = dict(pending=(236, 236, 236), fixed=(150, 150, 150), context=(66, 126, 220), denoised=(236, 118, 36))
+
+
+def draw_steps(steps, tokens_per_frame, dense=False):
+    """One picture per step (Fig. 10): a row per level (coarsest on top, as in the text grids; the
+    paper draws the finest on top), a column per frame, a colour per state; step, group, tokens."""
+    from PIL import Image, ImageDraw
+    L, N = steps[0].selection.shape
+    cw, ch, x0, y0 = max(2, min(16, 960 // N)), 14, 26, 18
+    produced = np.zeros((L, N), bool)
+    produced[:, :first_denoised(steps)] = True  # the chunk's past: ground truth or earlier chunks
+    panels = []
+    for i, s in enumerate(steps):
+        img = Image.new("RGB", (max(x0 + N * cw + 4, 360), y0 + L * ch + 6), "white")
+        draw = ImageDraw.Draw(img)
+        group = "" if s.group is None else f"   target level {s.group}"
+        draw.text((4, 3), f"step {i}{group}   tokens {level_tokens(s.selection, tokens_per_frame, dense).sum()}",
+                  fill="black")
+        for row, l in enumerate(reversed(range(L))):
+            y = y0 + row * ch
+            draw.text((4, y), f"L{l}", fill="black")
+            for f, v in enumerate(s.selection[l]):
+                state = ("fixed" if produced[l, f] else "pending", "context", "denoised")[v]
+                draw.rectangle([x0 + f * cw, y, x0 + (f + 1) * cw - 1 - (cw > 3), y + ch - 3], fill=COLOURS[state])
+        produced |= s.selection == DENOISED
+        panels.append(img)
+    return panels
+
+
+def save_picture(panels, path):
+    """`.gif`: an animation, one step per frame; otherwise one sheet of all steps (Fig. 10, left).
+    Written under a temporary name, then renamed, so no half-written file looks valid."""
+    from PIL import Image, ImageDraw
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise SystemExit(f"{path}: folder {folder} does not exist")
+    (w, h), gif = panels[0].size, path.lower().endswith(".gif")
+    cols = 1 if gif else max(1, min(len(panels), 1600 // w))
+    sheet = Image.new("RGB", (cols * w, 18 + (1 if gif else math.ceil(len(panels) / cols)) * h), "white")
+    draw = ImageDraw.Draw(sheet)
+    for k, (name, colour) in enumerate(COLOURS.items()):  # the legend on top
+        draw.rectangle([4 + 90 * k, 4, 14 + 90 * k, 14], fill=colour)
+        draw.text((18 + 90 * k, 3), name, fill="black")
+    frames = []
+    for i, panel in enumerate(panels):
+        sheet.paste(panel, (0, 18) if gif else ((i % cols) * w, 18 + (i // cols) * h))
+        frames += [sheet.copy()] if gif else []
+    tmp = path + ".tmp"
+    if gif:
+        frames[0].save(tmp, format="GIF", save_all=True, append_images=frames[1:], duration=600, loop=0)
+    else:
+        sheet.save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Print, draw or cost the rollout strategies (rollout.md).")
+    parser.add_argument("command", choices=("show", "cost"))
+    parser.add_argument("strategy", nargs="?", default="millivid",
+                        choices=("millivid", "framepack", "framepack-mirrored", "fullres", "upscale"))
+    arg = parser.add_argument  # everything below overrides the preset (paper | toy | tiny)
+    arg("--preset", default="paper", choices=sorted(PRESETS))
+    arg("--tokens", type=int, dest="tokens_per_frame", help="T_0, level-0 tokens per frame")
+    arg("--frames-per-level", type=int, nargs="+", help="MilliVid W_l, finest first")
+    arg("--extra-budget", type=int, help="MilliVid extra context tokens of the target level")
+    arg("--num-denoised", type=int, help="FramePack d")
+    arg("--context-frames", type=int, nargs="+", help="FramePack K_l, finest first")
+    arg("--denoised-frames", type=int, nargs="+", help="mirrored FramePack D_l (default: K_l)")
+    arg("--num-frames", type=int, help="full-resolution rollout n")
+    arg("--base-frames", type=int, help="rollout + upscale B (default 2)")
+    arg("--levels", type=int, help="rollout + upscale levels (default: as many as --frames-per-level)")
+    arg("--start", type=int, help="first generated frame")
+    arg("--end", type=int, help="frames of the video")
+    arg("--sampling-steps", type=int, default=50, help="DDIM steps per rollout step")
+    arg("--dense", action="store_true", help="FramePack: count tokens as the dense paper baseline does")
+    arg("--figures", action="store_true", help="show: print the derived figures after the grids")
+    arg("--image", help="show: write every step into one PNG (Fig. 10)")
+    arg("--gif", help="show: write the steps as an animated GIF")
+    args = parser.parse_args(argv)
+    a = {**PRESETS[args.preset], **{k: v for k, v in vars(args).items() if v is not None}}
+    try:
+        if args.command == "cost":
+            return print(cost_table(a, args.sampling_steps), end="")
+        steps, clipped = cli_steps(args.strategy, a)
+        T0 = a["tokens_per_frame"]
+        print(format_steps(steps, T0, args.dense), end="")
+        if args.figures:
+            f = figures(steps, T0, a["start"], a["end"], clipped, args.dense, args.sampling_steps)
+            print(f"chunk frames {f['chunk_frames']}, first denoised frame D0 {f['first_denoised']}, new frames "
+                  f"per chunk {f['new_frames']}, tokens per step {f['tokens']}"
+                  + (" (every step)" if f["equal_tokens"] else " (at most)"))
+            for counts, group in dict.fromkeys((tuple(c), s.group) for c, s in zip(f["level_tokens"], steps)):
+                print(f"  {'step' if group is None else f'target level {group}'}: "
+                      + "  ".join(f"L{l} {c}" for l, c in enumerate(counts)))
+            c = f["chunk_starts"]
+            print(f"frames [{a['start']}, {a['end']}): {len(c)} chunks at {', '.join(map(str, c[:4]))}"
+                  f"{', ..., ' + str(c[-1]) if len(c) > 4 else ''} -> {f['rollout_steps']} rollout steps, "
+                  f"{f['nfe']} network evaluations")
+    except ValueError as e:
+        parser.error(str(e))
+    for path in (args.image, args.gif):
+        if path:
+            save_picture(draw_steps(steps, a["tokens_per_frame"], args.dense), path)
+
+
+if __name__ == "__main__":
+    main()
