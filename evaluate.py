@@ -1,0 +1,590 @@
+"""Evaluation protocol of MilliVid (paper §4 "Metrics", Table 1, Fig. 3, Fig. 4, Fig. 8, App. A.2
+"Inference Details", App. A.3 "Sampling Speed").
+
+Consistency question (§4): give a model the first `context` frames of a ground-truth test video (paper
+256) and the ground-truth actions of all `total` frames (paper 1024); it generates the rest (paper 768
+frames); decode level 0 and compare frame by frame with the ground truth. Each metric is averaged over
+videos per generated-frame offset k = 1, 2, ... (the curves of Fig. 4 / Fig. 8) and over horizon
+buckets (Table 1: 1-64 / 65-256 / 257-768; smaller runs scale them by 1/12, 1/3, 1). Two reference
+rows bracket the models: "ground-truth latents" decodes the video's own latents (upper bound incl. the
+autoencoder's error), "random latents" decodes another test video's latents at the same frame index
+(real frames with no consistency: a lower bound).
+
+Frame convention: every frame array here is channel-last (N, H, W, 3), numpy or torch, either uint8 in
+[0, 255] or float in [0, 1] (what `data.read_frames` returns and what videos store). Decoder output
+(N, 3, H, W) float is turned into that with `to_uint8` once, so metrics see what a viewer sees.
+
+Metrics: PSNR (capped at 100 dB), SSIM (Gaussian 11 / 1.5), LPIPS-AlexNet (when its torchvision weights
+are on disk), and a maze metric needing no weights: the fraction of pixels whose palette base colour
+agrees. DINOv2, LightGlue, FID and FVD need weights that cannot be downloaded here: they are listed in
+the report as unavailable, with what they need, never silently skipped.
+"""
+import csv
+import dataclasses
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class EvalConfig:
+    context: int = 256                  # ground-truth context frames; generation starts here (App. A.2)
+    total: int = 1024                   # frames per test video; [context, total) is generated
+    buckets: tuple = (64, 256, 768)     # last generated-frame offset of each horizon bucket (Table 1)
+    sampling_steps: int = 50            # DDIM steps per rollout step (App. A.2)
+    cfg_scale: float = 1.0              # the paper evaluates without CFG (App. A.2)
+    batch_size: int = 8                 # videos in lockstep (App. A.3 times batches of 8)
+    num_videos: int = 1000              # test-set size (App. A.1)
+    num_samples: int = 4                # test videos written as side-by-side and plan videos
+    models: tuple = ("millivid", "framepack", "fullres")
+    lpips: bool = True                  # LPIPS-AlexNet when its backbone weights are on disk
+    fps: int = 20                       # Loopcraft's frame rate
+    map_size: int = 128                 # top-down trajectory panel, pixels
+    seed: int = 0                       # random-latents pairing
+    root: str = "runs/paper"            # the pipeline folder train.py wrote (data/, latents/, video-*/)
+    out: str = ""                       # "" = {root}/eval
+
+
+def eval_config(preset="paper", **overrides):
+    """Paper protocol, or the maze presets with the same proportions (CONTRACTS.md preset table)."""
+    presets = {
+        "paper": {},
+        "toy": dict(context=128, total=384, buckets=(21, 85, 256), num_videos=32, batch_size=16),
+        "tiny": dict(context=32, total=96, buckets=(5, 21, 64), num_videos=8, batch_size=4,
+                     sampling_steps=20, num_samples=2),
+    }
+    if preset not in presets:
+        raise ValueError(f"eval_config: unknown preset {preset!r}, expected one of {sorted(presets)}")
+    return dataclasses.replace(EvalConfig(**presets[preset]), **overrides)
+
+
+# ----------------------------------------------------------------------------- per-frame metrics
+
+PSNR_CAP = 100.0  # dB; identical frames (MSE = 0) score this instead of inf, so bucket means stay finite
+# name -> (label, higher is better); the consistency metrics computed here
+METRICS = {"psnr": ("PSNR", True), "ssim": ("SSIM", True), "lpips": ("LPIPS", False),
+           "maze": ("maze colour", True)}
+# §4 metrics whose networks are not in our dependencies and whose weights cannot be downloaded here
+UNAVAILABLE = {
+    "dino": "DINOv2 CLS cosine: unavailable (needs weights: DINOv2 ViT-L/14, 252x252 crop; not implemented)",
+    "lightglue": "LightGlue matches: unavailable (needs weights: SuperPoint + LightGlue, matches with "
+                 "confidence > 0.5; not implemented)",
+    "fid": "FID: unavailable (needs weights: Inception-v3 pool features; not implemented)",
+    "fvd": "FVD: unavailable (needs weights: I3D on 16-frame clips; not implemented)",
+}
+
+
+def to_float(frames, device=None, dtype=torch.float32):
+    """(N, H, W, 3) or (H, W, 3) uint8 / float in [0, 1] -> float tensor (N, 3, H, W) in [0, 1]."""
+    x = torch.as_tensor(np.ascontiguousarray(frames) if isinstance(frames, np.ndarray) else frames)
+    if x.ndim == 3:
+        x = x[None]
+    if x.ndim != 4 or x.shape[-1] != 3:
+        raise ValueError(f"frames: expected (N, H, W, 3) channel-last, got shape {tuple(x.shape)}")
+    x = x.to(device) if device is not None else x
+    x = x.to(dtype) / 255 if x.dtype == torch.uint8 else x.to(dtype)
+    return x.permute(0, 3, 1, 2)  # (N, 3, H, W)
+
+
+def to_uint8(images):
+    """Decoder output (N, 3, H, W) float in [0, 1] -> np.uint8 (N, H, W, 3)."""
+    return (images.float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def _pair(x, y, device=None, dtype=torch.float32):
+    x, y = to_float(x, device, dtype), to_float(y, device, dtype)
+    if x.shape != y.shape:
+        raise ValueError(f"generated frames {tuple(x.shape)} and ground truth {tuple(y.shape)} differ in shape")
+    return x, y
+
+
+def psnr(x, y, device=None):
+    """Per-frame PSNR in dB on [0, 1] pixels -> np.float64 (N,); identical frames give PSNR_CAP."""
+    x, y = _pair(x, y, device, torch.float64)
+    mse = (x - y).square().flatten(1).mean(1)
+    # PSNR = 10 log10(MAX² / MSE) with MAX = 1; flooring MSE at 10^(-cap/10) caps it at 100 dB
+    return (10 * torch.log10(1 / mse.clamp_min(10 ** (-PSNR_CAP / 10)))).cpu().numpy()
+
+
+def gaussian_window(size=11, sigma=1.5):
+    """The 1-D SSIM window (Wang et al. 2004): a sampled Gaussian normalised to sum 1."""
+    i = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
+    g = torch.exp(-i**2 / (2 * sigma**2))
+    return g / g.sum()
+
+
+def ssim(x, y, device=None, size=11, sigma=1.5, K1=0.01, K2=0.03):
+    """Per-frame SSIM -> np.float64 (N,): SSIM map per channel over 'valid' window positions (as in
+    Wang et al.'s reference code: no padding), averaged over positions and then over R, G, B.
+    Float64: in float32, E[x²] − μ² leaves ~1e-7 of noise, which C2 = 9e-4 turns into ~1e-4 of SSIM."""
+    x, y = _pair(x, y, device, torch.float64)
+    if min(x.shape[-2:]) < size:
+        raise ValueError(f"ssim: frames of {tuple(x.shape[-2:])} are smaller than the {size}-pixel window")
+    g = gaussian_window(size, sigma).to(x)
+    gh, gv = g.view(1, 1, 1, size).repeat(3, 1, 1, 1), g.view(1, 1, size, 1).repeat(3, 1, 1, 1)
+
+    def blur(z):  # separable Gaussian mean per channel: (N, 3, H, W) -> (N, 3, H-10, W-10)
+        return F.conv2d(F.conv2d(z, gh, groups=3), gv, groups=3)
+
+    C1, C2 = K1**2, K2**2  # stabilising constants (K·L)² with dynamic range L = 1
+    mu_x, mu_y = blur(x), blur(y)
+    s_xx, s_yy, s_xy = blur(x * x) - mu_x**2, blur(y * y) - mu_y**2, blur(x * y) - mu_x * mu_y
+    # SSIM = (2 μx μy + C1)(2 σxy + C2) / ((μx² + μy² + C1)(σx² + σy² + C2))
+    s = ((2 * mu_x * mu_y + C1) * (2 * s_xy + C2)) / ((mu_x**2 + mu_y**2 + C1) * (s_xx + s_yy + C2))
+    return s.flatten(2).mean(2).mean(1).cpu().numpy()
+
+
+def alexnet_weights_path():
+    """Where torchvision (and so lpips) looks for the AlexNet backbone: $TORCH_HOME/hub/checkpoints/."""
+    from torchvision.models import AlexNet_Weights
+    return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(AlexNet_Weights.IMAGENET1K_V1.url))
+
+
+def lpips_alex():
+    """(LPIPS-AlexNet network, None) when the backbone file exists, else (None, why + how to supply).
+    Checked before building so torchvision never tries to download it."""
+    path = alexnet_weights_path()
+    if not os.path.isfile(path):
+        return None, (f"LPIPS: unavailable (needs weights: torchvision AlexNet, expected at {path}; copy "
+                      f"{os.path.basename(path)} there or point $TORCH_HOME at a folder holding "
+                      f"hub/checkpoints/{os.path.basename(path)})")
+    import lpips
+    return lpips.LPIPS(net="alex", pretrained=True, verbose=False).eval(), None
+
+
+@torch.no_grad()
+def lpips_distance(net, x, y, device=None):
+    """Per-frame LPIPS with a given lpips.LPIPS network -> np.float64 (N,); 0 for identical frames."""
+    x, y = _pair(x, y, device)
+    return net.to(x.device)(x, y, normalize=True).flatten().double().cpu().numpy()  # normalize: [0,1] -> [-1,1]
+
+
+DARK = 0.06  # pixels (and palette entries) whose brightest channel is below this have no reliable colour
+
+
+def palette_classes(frames, palette, device=None):
+    """Each pixel's palette class -> long tensor (N, H, W): the entry with the nearest chromaticity.
+
+    Shading in the maze renderer scales a base colour (distance, wall side, texture), which keeps the
+    direction of the RGB vector, so we classify by the angle to each palette colour (argmax cosine).
+    Palette entries with the same direction (e.g. a grey floor and a white ceiling) are one class, and
+    near-black pixels form their own class (-1), since their direction is noise."""
+    x = to_float(frames, device)  # (N, 3, H, W)
+    p = torch.as_tensor(np.asarray(palette), dtype=torch.float32, device=x.device) / 255  # (K, 3)
+    if p.ndim != 2 or p.shape[1] != 3:
+        raise ValueError(f"palette: expected (K, 3) RGB base colours, got shape {tuple(p.shape)}")
+    p_hat = p / p.norm(dim=1, keepdim=True).clamp_min(1e-6)
+    same = (p_hat @ p_hat.T) > 1 - 1e-4                                    # (K, K) same direction
+    group = same.int().argmax(1)                                           # first entry of each group
+    group = torch.where(p.amax(1) < DARK, -1, group)
+    cos = torch.einsum("nchw,kc->nkhw", x, p_hat) / x.norm(dim=1, keepdim=True).clamp_min(1e-6)
+    cos = torch.where((p.amax(1) < DARK).view(1, -1, 1, 1), -2.0, cos)     # dark entries never win
+    cls = group[cos.argmax(1)]                                             # (N, H, W)
+    return torch.where(x.amax(1) < DARK, -1, cls)
+
+
+def palette_agreement(x, y, palette, device=None):
+    """Maze metric: per frame, the fraction of pixels whose base-colour class matches -> np.float64 (N,)."""
+    a, b = palette_classes(x, palette, device), palette_classes(y, palette, device)
+    if a.shape != b.shape:
+        raise ValueError(f"generated frames {tuple(a.shape)} and ground truth {tuple(b.shape)} differ in shape")
+    return (a == b).flatten(1).double().mean(1).cpu().numpy()
+
+
+def frame_metrics(generated, truth, palette=None, lpips_net=None, device=None, chunk=128):
+    """Every available per-frame metric of one video -> {metric: np.float64 (N,)}, `chunk` frames at a time."""
+    fns = {"psnr": psnr, "ssim": ssim}
+    if lpips_net is not None:
+        fns["lpips"] = lambda g, t, d: lpips_distance(lpips_net, g, t, d)
+    if palette is not None:
+        fns["maze"] = lambda g, t, d: palette_agreement(g, t, palette, d)
+    return {name: np.concatenate([fn(generated[i:i + chunk], truth[i:i + chunk], device)
+                                  for i in range(0, len(truth), chunk)]) for name, fn in fns.items()}
+
+
+# ----------------------------------------------------------------------------- horizons and aggregation
+
+PAPER_PROPORTIONS = (1 / 12, 1 / 3, 1)  # Table 1: 64, 256, 768 of 768 generated frames
+
+
+def horizon_buckets(num_generated, ends=None):
+    """Horizon buckets as 1-based inclusive offset ranges [(first, last), ...]: from explicit `ends`
+    (paper (64, 256, 768)) or, when None, the paper's proportions of `num_generated`, rounded."""
+    ends = [round(p * num_generated) for p in PAPER_PROPORTIONS] if ends is None else [int(e) for e in ends]
+    if not ends or ends[0] < 1 or any(b <= a for a, b in zip(ends, ends[1:])) or ends[-1] > num_generated:
+        raise ValueError(f"buckets: expected increasing ends in 1..{num_generated} (generated frames), got {ends}")
+    return [(first + 1, last) for first, last in zip([0] + ends[:-1], ends)]
+
+
+def bucket_name(bucket):
+    return f"{bucket[0]}-{bucket[1]}"
+
+
+def curve(per_frame):
+    """(V, K) values of V videos at generated offsets 1..K -> (K,) mean over videos (a Fig. 4 curve)."""
+    return np.asarray(per_frame, dtype=np.float64).mean(0)
+
+
+def bucket_means(per_frame, buckets):
+    """(V, K) per-frame values -> [mean over the bucket's offsets of the per-offset video mean]."""
+    c = curve(per_frame)
+    return [float(c[first - 1:last].mean()) for first, last in buckets]
+
+
+# ----------------------------------------------------------------------------- reference rows
+
+
+def derangement(n, seed=0):
+    """Deterministic pairing video i -> video perm[i] with perm[i] != i (the random-latents row).
+    Sattolo's algorithm draws a uniformly random n-cycle, and a single cycle has no fixed point."""
+    if n < 2:
+        raise ValueError(f"derangement: the random-latents row needs at least 2 test videos, got {n}")
+    rng, perm = np.random.default_rng(seed), np.arange(n)
+    for i in range(n - 1, 0, -1):
+        j = rng.integers(0, i)  # j < i (plain Fisher-Yates would allow j = i)
+        perm[i], perm[j] = perm[j], perm[i]
+    return perm
+
+
+def decode_frames(decode, z, level=0, chunk=64):
+    """Decode latents (N, T_l, C) of one level, `chunk` frames at a time -> np.uint8 (N, H_l, W_l, 3).
+    `decode(z (n, T_l, C) tensor, level) -> (n, 3, H_l, W_l) float in [0, 1]`."""
+    z = torch.as_tensor(np.asarray(z, dtype=np.float32)) if isinstance(z, np.ndarray) else z.float()
+    with torch.no_grad():
+        return np.concatenate([to_uint8(decode(z[i:i + chunk], level)) for i in range(0, len(z), chunk)])
+
+
+def reference_frames(z0, z0_partner, decode):
+    """The two reference rows for one video, from level-0 latents (K, T_0, C) of its generated frames:
+    its own latents decoded (upper bound) and its partner video's latents at the same frame indices."""
+    return {"ground-truth latents": decode_frames(decode, z0), "random latents": decode_frames(decode, z0_partner)}
+
+
+# ----------------------------------------------------------------------------- results and report
+
+
+@dataclass
+class Row:
+    """One line of the table: a model or a reference row, its per-frame values and its cost."""
+    name: str
+    per_frame: dict                    # metric -> np (V, K): video v, generated-frame offset k = 1..K
+    keys: list                         # the V test-video keys
+    reference: bool = False            # reference rows decode latents: no rollout cost
+    rollout_steps: int | None = None   # per video (App. A.3)
+    network_evals: int | None = None   # per video: rollout steps x sampling steps (x 2 with CFG)
+    wall_s: float | None = None        # generation wall time per video, in batches of batch_size
+
+
+@dataclass
+class Sample:
+    """One test video shown side by side; every video is whole (context + generated) np.uint8 (F, H, W, 3)."""
+    key: str
+    frames: dict                       # "ground truth" first, then model name -> video
+    map: object = None                 # top-down trajectory: np.uint8 (S, S, 3) or a callable t -> one
+    plans: dict = field(default_factory=dict)  # model name -> per level np.uint8 (F, H_l, W_l, 3)
+
+
+@dataclass
+class Results:
+    rows: list                         # [Row]: models first, then the reference rows
+    context: int                       # generated offset k is video frame context + k - 1
+    buckets: list                      # [(first, last)] offsets, 1-based inclusive
+    samples: list = field(default_factory=list)      # [Sample]
+    unavailable: dict = field(default_factory=dict)  # metric -> why, and how to supply what it needs
+    config: dict = field(default_factory=dict)       # resolved EvalConfig and git commit
+    fps: int = 20
+
+
+def summarize(results):
+    """Everything results.json holds: bucket means per row and metric, cost, what was not measured."""
+    present = [m for m in METRICS if any(m in r.per_frame for r in results.rows)]
+    return {
+        "context": results.context, "buckets": [list(b) for b in results.buckets],
+        "metrics": {m: {"label": METRICS[m][0], "higher_is_better": METRICS[m][1]} for m in present},
+        "unavailable": dict(results.unavailable), "config": dict(results.config),
+        "rows": [{"name": r.name, "reference": r.reference, "videos": len(r.keys),
+                  "metrics": {m: dict(zip(map(bucket_name, results.buckets), bucket_means(r.per_frame[m], results.buckets)))
+                              for m in present if m in r.per_frame},
+                  "rollout_steps": r.rollout_steps, "network_evals": r.network_evals, "wall_s_per_video": r.wall_s}
+                 for r in results.rows]}
+
+
+def _atomic(path, write):
+    """Call write(tmp) then rename onto `path`, so a killed run never leaves a half-written file that
+    looks valid; the temporary name keeps the extension (ffmpeg and matplotlib choose formats by it)."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    root, ext = os.path.splitext(path)
+    tmp = f"{root}.tmp{os.getpid()}{ext}"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def results_markdown(summary):
+    """Table 1 layout: one row per model / reference, metric x bucket columns, then the cost columns;
+    the best model (reference rows excluded) of each column in bold."""
+    buckets = [bucket_name(b) for b in summary["buckets"]]
+    cols = [(m, b) for m in summary["metrics"] for b in buckets]
+    models = [r for r in summary["rows"] if not r["reference"]]
+    best = {}
+    for m, b in cols:
+        vals = [r["metrics"][m][b] for r in models if m in r["metrics"]]
+        if vals:
+            best[m, b] = (max if summary["metrics"][m]["higher_is_better"] else min)(vals)
+    head = [f"{summary['metrics'][m]['label']} {'↑' if summary['metrics'][m]['higher_is_better'] else '↓'} {b}"
+            for m, b in cols] + ["rollout steps", "network evals", "wall s/video"]
+    lines = ["| row | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
+    for r in summary["rows"]:
+        cells = []
+        for m, b in cols:
+            v = r["metrics"].get(m, {}).get(b)
+            text = "n/a" if v is None else f"{v:.2f}" if m == "psnr" else f"{v:.3f}"
+            cells.append(f"**{text}**" if not r["reference"] and v is not None and v == best.get((m, b)) else text)
+        cells += ["—" if r[k] is None else f"{r[k]:.3g}" if k == "wall_s_per_video" else str(r[k])
+                  for k in ("rollout_steps", "network_evals", "wall_s_per_video")]
+        lines.append(f"| {r['name']}{' (reference)' if r['reference'] else ''} | " + " | ".join(cells) + " |")
+    text = ["# MilliVid evaluation (paper §4, Table 1)", "",
+            f"{summary['rows'][0]['videos'] if summary['rows'] else 0} test videos, context {summary['context']} "
+            "frames; each metric is averaged over videos per generated-frame offset, then over the offsets of "
+            f"each bucket. PSNR of identical frames is capped at {PSNR_CAP:g} dB.", ""]
+    text += lines + ["", "## Not measured", ""]
+    text += [f"- {why}" for why in summary["unavailable"].values()] or ["- (everything was measured)"]
+    text += ["", "## Files", "", "- `results.json`: this table; `per_frame.csv`: the values behind it",
+             "- `consistency.png`: each metric against generated-frame offset (Fig. 4)",
+             "- `videos/`: ground truth | each model, context dimmed, with the trajectory map (Fig. 3)",
+             "- `plans/`: what each latent level decodes to on its own, per hierarchical model", "",
+             "Configuration: " + ", ".join(f"{k}={v}" for k, v in summary["config"].items()), ""]
+    return "\n".join(text)
+
+
+def write_per_frame_csv(path, results):
+    """per_frame.csv: one line per (row, video, generated offset), with the video frame index."""
+    metrics = [m for m in METRICS if any(m in r.per_frame for r in results.rows)]
+
+    def write(tmp):
+        with open(tmp, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["model", "video", "offset", "frame"] + metrics)
+            for r in results.rows:
+                K = next(iter(r.per_frame.values())).shape[1] if r.per_frame else 0
+                for v, key in enumerate(r.keys):
+                    for k in range(K):
+                        w.writerow([r.name, key, k + 1, results.context + k] +
+                                   [f"{r.per_frame[m][v, k]:.6g}" if m in r.per_frame else "" for m in metrics])
+    _atomic(path, write)
+
+
+def plot_curves(path, results):
+    """Each consistency metric against generated-frame offset, one line per row (paper Fig. 4 / Fig. 8)."""
+    import matplotlib
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+    metrics = [m for m in METRICS if any(m in r.per_frame for r in results.rows)]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.5 * len(metrics), 3.6), squeeze=False)
+    for ax, m in zip(axes[0], metrics):
+        for r in results.rows:
+            if m in r.per_frame:
+                c = curve(r.per_frame[m])
+                ax.plot(np.arange(1, len(c) + 1), c, label=r.name, ls="--" if r.reference else "-", lw=1.2)
+        for _, last in results.buckets[:-1]:
+            ax.axvline(last, color="0.7", lw=0.8, ls=":")
+        ax.set(title=f"{METRICS[m][0]} ({'higher' if METRICS[m][1] else 'lower'} is better)",
+               xlabel="frames generated since the context")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    _atomic(path, lambda tmp: fig.savefig(tmp, dpi=110))
+    plt.close(fig)
+
+
+BAR = 14  # pixels of caption above each video tile
+
+
+def _tile(img, size, label, dim):
+    """One video tile: `img` resized (nearest) to size = (w, h), halved in brightness while it is context,
+    with a caption bar above it."""
+    from PIL import Image, ImageDraw
+    im = Image.fromarray(np.asarray(img) // 2 if dim else np.asarray(img)).resize(size, Image.NEAREST)
+    canvas = Image.new("RGB", (size[0], size[1] + BAR))
+    canvas.paste(im, (0, BAR))
+    ImageDraw.Draw(canvas).text((3, 1), label, fill=(255, 255, 255))
+    return np.asarray(canvas)
+
+
+def _display_size(frame, display):
+    h, w = frame.shape[:2]
+    s = max(1, math.ceil(display / h))  # integer nearest-neighbour upscaling keeps pixels honest
+    return w * s, h * s
+
+
+def side_by_side_frames(sample, context, display=128):
+    """Yield the frames of a comparison video: ground truth | each model | the top-down map (Fig. 3)."""
+    truth = sample.frames["ground truth"]
+    size = _display_size(truth[0], display)
+    for t in range(len(truth)):
+        when = "context" if t < context else f"+{t - context + 1}"
+        tiles = [_tile(v[t], size, f"{name}  {t} {when}" if i == 0 else name, t < context)
+                 for i, (name, v) in enumerate(sample.frames.items())]
+        if sample.map is not None:
+            m = sample.map(t) if callable(sample.map) else sample.map
+            tiles.append(_tile(m, (size[1], size[1]), "map", False))
+        yield np.concatenate(tiles, axis=1)
+
+
+def plan_frames(levels, context, display=128):
+    """Yield the frames of a per-level "plan" video: level l decoded on its own, upscaled to level 0's
+    size, finest on the left (what each level of the hierarchy has decided, §3.1 / Fig. 5)."""
+    size = _display_size(levels[0][0], display)
+    for t in range(len(levels[0])):
+        yield np.concatenate([_tile(v[t], size, f"level {l}" + ("  context" if t < context else ""), t < context)
+                              for l, v in enumerate(levels)], axis=1)
+
+
+def write_video(path, frames, fps=20):
+    """Write np.uint8 (H, W, 3) frames atomically: .mp4 (H.264, imageio-ffmpeg) or .gif (Pillow)."""
+    def even(f):  # H.264 with yuv420p needs even sides
+        return np.pad(f, ((0, f.shape[0] % 2), (0, f.shape[1] % 2), (0, 0)))
+
+    def write(tmp):
+        if path.endswith(".gif"):
+            from PIL import Image
+            ims = [Image.fromarray(f) for f in frames]
+            ims[0].save(tmp, save_all=True, append_images=ims[1:], duration=round(1000 / fps), loop=0)
+        else:
+            import imageio.v2 as imageio
+            with imageio.get_writer(tmp, fps=fps, codec="libx264", macro_block_size=1, quality=8) as w:
+                for f in frames:
+                    w.append_data(even(f))
+    _atomic(path, write)
+
+
+def report(out_dir, results, video_ext=".mp4"):
+    """Write every output of the evaluation into `out_dir`; returns the path of results.md."""
+    summary = summarize(results)
+    _atomic(os.path.join(out_dir, "results.json"), lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=1)))
+    _atomic(os.path.join(out_dir, "results.md"), lambda tmp: Path(tmp).write_text(results_markdown(summary)))
+    write_per_frame_csv(os.path.join(out_dir, "per_frame.csv"), results)
+    plot_curves(os.path.join(out_dir, "consistency.png"), results)
+    for s in results.samples:
+        name = s.key.replace("/", "-")  # keys look like "000/012"
+        write_video(os.path.join(out_dir, "videos", name + video_ext), side_by_side_frames(s, results.context), results.fps)
+        for model, levels in s.plans.items():
+            write_video(os.path.join(out_dir, "plans", f"{name}-{model}{video_ext}"),
+                        plan_frames(levels, results.context), results.fps)
+    return os.path.join(out_dir, "results.md")
+
+
+# ----------------------------------------------------------------------------- the protocol
+
+
+@dataclass
+class Video:
+    """One test video as the protocol needs it (`load_video` reads it from the data.py stores)."""
+    frames: np.ndarray                 # np.uint8 (F, H, W, 3) ground truth
+    latents: list                      # per level (F, T_l, C) encoded ground truth
+    actions: np.ndarray                # int (F,): 0 forward, 1 left, 2 right
+    poses: np.ndarray | None = None    # (F, 6) as data.read_actions returns it, for the map
+    world: object = None               # maze grid for the map (None for Loopcraft)
+
+
+@dataclass
+class Model:
+    """A video model ready to roll out: `generate(latents, actions) -> latents`, with latents a list per
+    level of (B, F, T_l, C) tensors (frames >= context zeroed on input, all generated on output, F or
+    more frames) and actions (B, F) long. Cost per video comes from rollout.py's step count."""
+    name: str
+    generate: Callable
+    rollout_steps: int | None = None
+    network_evals: int | None = None
+
+
+def evaluate_videos(cfg, keys, load, decode, models, palette=None, lpips_net=None, draw_map=None,
+                    unavailable=None, device="cpu"):
+    """The protocol over `keys` in batches of cfg.batch_size -> Results (then `report` writes it).
+    load(key) -> Video; decode(z (n, T_l, C), level) -> (n, 3, H_l, W_l) in [0, 1]; models: [Model];
+    draw_map(world, poses, split, size) as in data.py. The first cfg.num_samples videos become samples."""
+    c, n, K = cfg.context, cfg.total, cfg.total - cfg.context
+    buckets, partner = horizon_buckets(K, cfg.buckets), derangement(len(keys), cfg.seed)
+    values = {name: {} for name in [m.name for m in models] + ["ground-truth latents", "random latents"]}
+    wall, samples = {m.name: 0.0 for m in models}, []
+    for start in range(0, len(keys), cfg.batch_size):
+        batch = range(start, min(start + cfg.batch_size, len(keys)))
+        videos = [load(keys[i]) for i in batch]
+        for i, v in zip(batch, videos):
+            if len(v.frames) < n or len(v.latents[0]) < n:
+                raise ValueError(f"test video {keys[i]}: {len(v.frames)} frames, evaluation needs total={n}")
+        # the models get the context's ground-truth latents only: later frames are zeroed, so nothing leaks
+        visible = [torch.from_numpy(np.stack([np.asarray(v.latents[l][:n], np.float32) for v in videos])).to(device)
+                   for l in range(len(videos[0].latents))]  # per level (B, F, T_l, C)
+        for z in visible:
+            z[:, c:] = 0
+        actions = torch.from_numpy(np.stack([np.asarray(v.actions[:n]) for v in videos])).long().to(device)  # (B, F)
+        out = {}
+        for m in models:
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                out[m.name] = m.generate(visible, actions)
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            wall[m.name] += time.perf_counter() - t0
+        for b, (i, v) in enumerate(zip(batch, videos)):
+            truth = v.frames[c:n]
+            frames = {name: decode_frames(decode, z[0][b, c:n]) for name, z in out.items()}
+            frames |= reference_frames(v.latents[0][c:n], load(keys[partner[i]]).latents[0][c:n], decode)
+            for name, f in frames.items():
+                for metric, x in frame_metrics(f, truth, palette, lpips_net, device).items():
+                    values[name].setdefault(metric, []).append(x)
+            if i < cfg.num_samples:  # whole videos: the context as the decoder shows it, then the rollout
+                context = decode_frames(decode, v.latents[0][:c])
+                plans = {name: [decode_frames(decode, z[l][b, :n], l) for l in range(len(z))]
+                         for name, z in out.items() if len(z) > 1}
+                mp = None if draw_map is None else (
+                    lambda t, v=v: draw_map(v.world, v.poses[:t + 1], c, cfg.map_size))
+                samples.append(Sample(keys[i], {"ground truth": v.frames[:n]} | {
+                    m.name: np.concatenate([context, frames[m.name]]) for m in models}, mp, plans))
+    rows = [Row(m.name, {k: np.stack(x) for k, x in values[m.name].items()}, list(keys), False,
+                m.rollout_steps, m.network_evals, wall[m.name] / len(keys)) for m in models]
+    rows += [Row(name, {k: np.stack(x) for k, x in values[name].items()}, list(keys), True)
+             for name in ("ground-truth latents", "random latents")]
+    why = dict(UNAVAILABLE) | (unavailable or {})
+    if palette is None:
+        why["maze"] = "maze colour: not computed (no palette of base colours: Loopcraft has none)"
+    return Results(rows, c, buckets, samples, why, dataclasses.asdict(cfg), cfg.fps)
+
+
+def load_video(frames_dir, latents_dir, key, levels, total):
+    """A test video from the data.py stores (CONTRACTS.md): frames, every level's latents, actions, map data."""
+    import data
+    poses = data.read_actions(frames_dir, key)[:total]  # (F, 6): action id, x, y, z, yaw, pitch
+    return Video(data.read_frames(frames_dir, key, 0, total),
+                 [data.read_latents(latents_dir, key, l, 0, total) for l in range(levels)],
+                 poses[:, 0].astype(np.int64), poses, data.load_world(frames_dir, key))
+
+
+def evaluate(cfg):
+    """Round 2: the whole job from a pipeline folder. Reads the test split ({root}/data/test,
+    {root}/latents/test), rebuilds the autoencoder ({root}/ae) and each model in cfg.models
+    ({root}/video-<name>) from their checkpoints, wraps rollout.py's generation loop as Model.generate
+    (sampling_steps, cfg_scale) with its cost, then evaluate_videos(...) and report(cfg.out or
+    {root}/eval, results). Returns the path of results.md."""
+    raise NotImplementedError("evaluate(cfg): needs rollout.py's generation loop (round 2); "
+                              "evaluate_videos + report already do the rest")
+
+
+def run_pipeline(preset, root, overrides):
+    """Called by `train.py --stage all`: the preset's EvalConfig, strict --eval.key=value overrides, evaluate."""
+    from train import apply_overrides
+    cfg = eval_config(preset, root=root)
+    apply_overrides([cfg], dict(overrides))
+    return evaluate(cfg)
