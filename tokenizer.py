@@ -88,7 +88,7 @@ def ae_config(preset="paper", **overrides):
             raise ValueError(f"ae_config: unknown key {key!r}; expected one of {list(defaults)}")
         kind = type(defaults[key])
         if not (isinstance(value, kind) or (kind is float and type(value) is int)):
-            raise ValueError(f"ae_config: {key}={value!r} should be a {kind.__name__}")
+            raise ValueError(f"ae_config: {key}={value!r} should be of type {kind.__name__}")
     return replace(AEConfig(), **{**PRESETS[preset], **overrides})
 
 
@@ -413,16 +413,18 @@ class HierarchicalAutoencoder(nn.Module):
             level = torch.randint(self.cfg.levels, (x.shape[0],), device=x.device, generator=generator)
         pred = self.decode(self.encode(x), level)            # whole output pyramid, whatever level was kept
         loss, mse = pyramid_mse(pred, box_pyramid(x, self.cfg.levels))
-        stats = {f"mse{l}": m.item() for l, m in enumerate(mse)}
+        stats = {f"mse{l}": m for l, m in enumerate(mse)}
         if self.cfg.lpips_weight > 0:
             if self.lpips is None:
                 self.load_lpips()
             # perceptual term on the full-resolution output only; normalize=True maps [0, 1] to [-1, 1]
             perceptual = self.lpips.to(x.device)(pred[0], x, normalize=True).mean()
             loss = loss + self.cfg.lpips_weight * perceptual
-            stats["lpips"] = perceptual.item()
-        stats["loss"] = loss.item()
-        return loss, stats
+            stats["lpips"] = perceptual
+        stats["loss"] = loss
+        # one device→host copy for all the numbers, not one sync each
+        values = torch.stack([v.detach().float() for v in stats.values()]).tolist()
+        return loss, dict(zip(stats, values))
 
     def forward(self, x, level=None, generator=None):
         # calling the model runs the objective, so DistributedDataParallel(model)(x) syncs gradients

@@ -39,7 +39,7 @@ def test_paper_defaults_and_preset_errors():
         ae_config("huge")
     with pytest.raises(ValueError, match="unknown key 'widht'"):
         ae_config("tiny", widht=8)
-    with pytest.raises(ValueError, match="should be a int"):
+    with pytest.raises(ValueError, match="should be of type int"):
         ae_config("tiny", depth=2.5)
     with pytest.raises(ValueError, match="variant"):
         ae_config("tiny", variant="pooled")
@@ -177,7 +177,7 @@ def test_decoder_outputs_whole_pyramid_and_per_sample_levels(tiny):
         tiny.encode(frames(1, 64))
 
 
-def test_adaln_zero_blocks_start_as_identity(tiny):
+def test_adaln_zero_blocks_start_as_identity():
     model = HierarchicalAutoencoder(ae_config("tiny"))
     h, c = torch.randn(2, 21, 64), torch.randn(2, 64)
     for block in model.decoder.blocks:
