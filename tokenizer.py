@@ -16,8 +16,8 @@ levels add texture.
 The cascaded ablation (§5 Q1/Q2, Fig. 5 bottom, Fig. 6, `variant="cascaded"`) replaces the learned
 coarse levels by 2×2 mean pools of the level-0 latents.
 
-The transformer pieces (`Attention`, `Mlp`, `modulate`, `AdaLNBlock`, `sincos_embed`) are shared with
-diffusion.py.
+The transformer pieces (`Attention`, `Mlp`, `modulate`, `AdaLNBlock` with a per-sample or per-token
+condition, `sincos_embed`) are plain building blocks that other files may import.
 """
 import os
 from dataclasses import dataclass, fields, replace
