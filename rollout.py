@@ -325,14 +325,14 @@ def draw_steps(steps, tokens_per_frame, dense=False):
     return panels
 
 
-def save_picture(panels, path):
-    """`.gif`: an animation, one step per frame; otherwise one sheet of all steps (Fig. 10, left).
+def save_picture(panels, path, gif=False):
+    """One sheet of all steps as a PNG (Fig. 10, left), or (gif=True) an animation, a step per frame.
     Written under a temporary name, then renamed, so no half-written file looks valid."""
     from PIL import Image, ImageDraw
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise SystemExit(f"{path}: folder {folder} does not exist")
-    (w, h), gif = panels[0].size, path.lower().endswith(".gif")
+    w, h = panels[0].size
     cols = 1 if gif else max(1, min(len(panels), 1600 // w))
     sheet = Image.new("RGB", (cols * w, 18 + (1 if gif else math.ceil(len(panels) / cols)) * h), "white")
     draw = ImageDraw.Draw(sheet)
@@ -354,7 +354,7 @@ def save_picture(panels, path):
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Print, draw or cost the rollout strategies (rollout.md).")
     parser.add_argument("command", choices=("show", "cost"))
-    parser.add_argument("strategy", nargs="?", default="millivid",
+    parser.add_argument("strategy", nargs="?", default="millivid", help="for show",
                         choices=("millivid", "framepack", "framepack-mirrored", "fullres", "upscale"))
     arg = parser.add_argument  # everything below overrides the preset (paper | toy | tiny)
     arg("--preset", default="paper", choices=sorted(PRESETS))
@@ -396,9 +396,9 @@ def main(argv=None):
                   f"{f['nfe']} network evaluations")
     except ValueError as e:
         parser.error(str(e))
-    for path in (args.image, args.gif):
+    for path, gif in ((args.image, False), (args.gif, True)):
         if path:
-            save_picture(draw_steps(steps, a["tokens_per_frame"], args.dense), path)
+            save_picture(draw_steps(steps, a["tokens_per_frame"], args.dense), path, gif)
 
 
 if __name__ == "__main__":
