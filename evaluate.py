@@ -142,22 +142,20 @@ def ssim(x, y, device=None, size=11, sigma=1.5, K1=0.01, K2=0.03):
     return s.flatten(2).mean(2).mean(1).cpu().numpy()
 
 
-def alexnet_weights_path():
-    """Where torchvision (and so lpips) looks for the AlexNet backbone: $TORCH_HOME/hub/checkpoints/."""
-    from torchvision.models import AlexNet_Weights
-    return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(AlexNet_Weights.IMAGENET1K_V1.url))
-
-
 def lpips_alex():
-    """(LPIPS-AlexNet network, None) when the backbone file exists, else (None, why + how to supply).
-    Checked before building so torchvision never tries to download it."""
-    path = alexnet_weights_path()
+    """(LPIPS-AlexNet network, None) when torchvision's AlexNet file is in $TORCH_HOME/hub/checkpoints/,
+    else (None, why and how to supply it). Checked first, so torchvision never tries to download it."""
+    from torchvision.models import AlexNet_Weights
+    path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(AlexNet_Weights.IMAGENET1K_V1.url))
     if not os.path.isfile(path):
         return None, (f"LPIPS: unavailable (needs weights: torchvision AlexNet, expected at {path}; copy "
                       f"{os.path.basename(path)} there or point $TORCH_HOME at a folder holding "
                       f"hub/checkpoints/{os.path.basename(path)})")
+    import warnings
     import lpips
-    return lpips.LPIPS(net="alex", pretrained=True, verbose=False).eval(), None
+    with warnings.catch_warnings():  # lpips still passes torchvision's deprecated `pretrained=True`
+        warnings.simplefilter("ignore", UserWarning)
+        return lpips.LPIPS(net="alex", pretrained=True, verbose=False).eval(), None
 
 
 @torch.no_grad()
@@ -294,6 +292,7 @@ class Sample:
 
 @dataclass
 class Results:
+    """What `report` writes: made by `evaluate_videos`, or by hand from any per-frame values."""
     rows: list                         # [Row]: models first, then the reference rows
     context: int                       # generated offset k is video frame context + k - 1
     buckets: list                      # [(first, last)] offsets, 1-based inclusive
@@ -337,11 +336,8 @@ def results_markdown(summary):
     buckets = [bucket_name(b) for b in summary["buckets"]]
     cols = [(m, b) for m in summary["metrics"] for b in buckets]
     models = [r for r in summary["rows"] if not r["reference"]]
-    best = {}
-    for m, b in cols:
-        vals = [r["metrics"][m][b] for r in models if m in r["metrics"]]
-        if vals:
-            best[m, b] = (max if summary["metrics"][m]["higher_is_better"] else min)(vals)
+    best = {(m, b): (max if summary["metrics"][m]["higher_is_better"] else min)(
+        [r["metrics"][m][b] for r in models if m in r["metrics"]], default=None) for m, b in cols}
     head = [f"{summary['metrics'][m]['label']} {'↑' if summary['metrics'][m]['higher_is_better'] else '↓'} {b}"
             for m, b in cols] + ["rollout steps", "network evals", "wall s/video"]
     lines = ["| row | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
@@ -412,8 +408,7 @@ BAR = 14  # pixels of caption above each video tile
 
 
 def _tile(img, size, label, dim):
-    """One video tile: `img` resized (nearest) to size = (w, h), halved in brightness while it is context,
-    with a caption bar above it."""
+    """A video tile: `img` resized (nearest) to size (w, h), half as bright in the context, captioned."""
     from PIL import Image, ImageDraw
     im = Image.fromarray(np.asarray(img) // 2 if dim else np.asarray(img)).resize(size, Image.NEAREST)
     canvas = Image.new("RGB", (size[0], size[1] + BAR))

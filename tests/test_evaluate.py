@@ -127,6 +127,21 @@ def test_palette_agreement_on_hand_made_frames():
     np.testing.assert_allclose(ev.palette_agreement(a, b, PALETTE), [0.5, 31 / 32])
 
 
+def test_maze_metric_on_rendered_maze_frames():
+    """With data.py's renderer and PALETTE: a room walled with type w shows only w, floor and ceiling,
+    through every texture and shade, and darkening a frame (distance shading) changes no class."""
+    data = pytest.importorskip("data")
+    poses = np.zeros((8, 6), np.float32)
+    poses[:, 1:3], poses[:, 4] = 3.3, np.arange(8) * 45.0  # x, y in the room; yaw all round
+    for w in range(1, 9):
+        world = np.full((7, 7), w, np.int64)
+        world[1:-1, 1:-1] = 0
+        frames = data.render(world, poses, 32)
+        cls = ev.palette_classes(frames, data.PALETTE).numpy()
+        assert set(np.unique(cls)) == {0, w, len(data.PALETTE) - 1}, w
+        np.testing.assert_allclose(ev.palette_agreement((frames * 0.6).astype(np.uint8), frames, data.PALETTE), 1.0)
+
+
 # ----------------------------------------------------------------------------- buckets, pairing
 
 
