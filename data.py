@@ -1,0 +1,612 @@
+"""Data: the Loopcraft format, the synthetic maze world, and the random-access stores (paper §4
+"Datasets", App. A.1).
+
+Loopcraft (§4) is 1024-frame Minecraft videos of an agent that runs forward and makes random 90° turns,
+biased to pairs and quartets of turns so it keeps coming back to places it has seen. Its test set
+(App. A.1) keeps action sequences whose late path revisits the context. This file provides
+  * the frame store every stage reads: per video one file of PNG frames behind a uint64 offset table
+    (any frame range readable alone) plus the (frames, 6) pose array [action, x, y, z, yaw, pitch];
+  * `prepare`: the released Loopcraft layout (index.json, NNN/MMM.mp4, NNN/MMM.npy) -> that store;
+  * the maze: Loopcraft's exact actions, random walk and test selection in a ray-cast grid world whose
+    ground truth can be rendered for any path, small enough to train on one GPU;
+  * the latent store written by the encode stage, and the map drawing used by `show` and evaluate.py.
+
+    python data.py maze --out data/maze --preset toy [--split test] [--videos N --frames F --size S ...]
+    python data.py prepare LOOPCRAFT_SPLIT data/loopcraft
+    python data.py show data/maze 000/000 --out video.gif
+    python data.py bench
+"""
+from __future__ import annotations
+
+import argparse, io, json, math, os, struct, tempfile, time, zlib
+from dataclasses import asdict, dataclass, fields, replace
+from functools import lru_cache
+from multiprocessing import Pool
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+
+@dataclass
+class MazeConfig:
+    """Defaults mirror Loopcraft (§4, App. A.1); presets `toy` and `tiny` shrink it."""
+    size: int = 256            # image side in pixels
+    frames: int = 1024         # frames per video
+    context: int = 256         # frames shown to the model; the test split is chosen around this split point
+    videos: int = 200_000      # training videos
+    test_videos: int = 1000    # loop-biased test videos
+    world: int = 48            # world side in cells (walks of 1024 frames stay ~20 cells from the start)
+    density: float = 0.07      # fraction of interior cells that are walls: low, so bumps stay rare
+    candidates: int = 100      # action sequences drawn per test video (App. A.1)
+    lowest: int = 10           # ... one picked uniformly among this many lowest-Chamfer ones
+    pool: int = 10             # test videos are the farthest-travelled 1/pool of pool·test_videos (10,000 -> 1,000)
+    fov: float = 70.0          # horizontal = vertical field of view, degrees (Minecraft's default 70)
+    seed: int = 0
+    workers: int = 2
+
+
+PRESETS = {"paper": {},
+           "toy": dict(size=64, frames=384, context=128, videos=1000, test_videos=64, world=32),
+           "tiny": dict(size=32, frames=96, context=32, videos=32, test_videos=8, world=16)}
+
+
+def maze_config(preset: str = "paper", **overrides) -> MazeConfig:
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; expected one of {sorted(PRESETS)}")
+    return replace(MazeConfig(**PRESETS[preset]), **overrides)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Actions and the random walk (spec "Random walk that produced the actions")
+
+FORWARD, LEFT, RIGHT = 0, 1, 2
+HOLD = 9                        # every chosen action is held for 9 frames
+TURN = 10                       # degrees of yaw per turn frame, so a held turn is 90°
+TURN_COUNTS, TURN_P = np.array([1, 2, 3, 4]), [0.1, 0.3, 0.1, 0.5]
+# Positions are integers in 1/18 of a cell: cell i spans [18i, 18i+18), its centre is 18i+9, and one
+# forward frame moves STEP = 2 units, so a held forward (9 frames) crosses exactly one cell, exactly.
+UNIT, STEP, RADIUS = 18, 2, 4   # RADIUS: how far ahead of the eye the body reaches (a wall stops it)
+EYE, WALL = 0.5, 2.5            # eye height and wall height in cells: tall walls fill the view like trees
+
+
+def walk_bundles(rng: np.random.Generator, n: int, nb: int) -> tuple[np.ndarray, np.ndarray]:
+    """nb Loopcraft bundles for each of n sequences, not yet held: (actions, used), both (n, nb, 16);
+    bundle b of sequence i is actions[i, b][used[i, b]]. A bundle draws k turns (p = [.1, .3, .1, .5]),
+    m ~ U{k .. 3k-1} forwards and one direction, shuffles turns and forwards, and puts one forward in
+    front. Mean bundle: 1 + 5.5 forwards and 3 turns, so 6.5 / 9.5 = 68% of frames are forward."""
+    k = rng.choice(TURN_COUNTS, size=(n, nb), p=TURN_P)
+    m = rng.integers(k, 3 * k)
+    d = rng.integers(LEFT, RIGHT + 1, size=(n, nb))
+    # Shuffle by sorting random keys over 15 slots (k+m <= 15): slots < k are turns, slots >= k+m unused.
+    slot = np.arange(15)
+    keys = np.where(slot < (k + m)[..., None], rng.random((n, nb, 15)), 2.0)
+    order = np.argsort(keys, axis=-1)               # first k+m entries: a uniform permutation of the used slots
+    body = np.where(order < k[..., None], d[..., None], FORWARD)                      # (n, nb, 15)
+    actions = np.concatenate([np.zeros((n, nb, 1), np.int64), body], -1)              # (n, nb, 16)
+    return actions, np.concatenate([np.ones((n, nb, 1), bool), slot < (k + m)[..., None]], -1)
+
+
+def random_walk(rng: np.random.Generator, frames: int, n: int = 1) -> np.ndarray:
+    """n Loopcraft action sequences (n, frames) int64: bundles back to back, every action held 9 frames."""
+    count = -(-frames // HOLD)
+    actions, used = walk_bundles(rng, n, -(-count // 3) + 1)          # every bundle has >= 3 actions
+    return np.stack([np.repeat(actions[i][used[i]][:count], HOLD)[:frames] for i in range(n)])
+
+
+# ---------------------------------------------------------------------------------------------------
+# The maze world: a grid of cells, 0 = floor, 1..8 = wall type (base colour + texture pattern)
+
+# PALETTE[v] is the base colour of world value v (0 = floor, 1..8 = walls); the last row is the ceiling.
+# Wall hues are far apart, and textures and shading only scale brightness, so a pixel's chromaticity
+# tells its wall type (what coarse latent levels should keep); the pattern is what fine levels add.
+PALETTE = np.array([[110, 100, 90], [220, 50, 50], [235, 140, 30], [225, 215, 40], [60, 190, 60],
+                    [40, 200, 200], [50, 90, 230], [150, 70, 220], [230, 70, 180], [200, 200, 210]],
+                   np.uint8)
+TEX = 8                                             # texels per wall face side
+
+
+def _patterns() -> np.ndarray:
+    """(8, TEX, TEX) in {0, 1}, one texture pattern per wall type."""
+    i, j = np.mgrid[:TEX, :TEX]
+    mortar = (i % 4 == 0) | ((j + 4 * (i // 4 % 2)) % 8 == 0)
+    return np.stack([i // 2 % 2, j // 2 % 2, (i // 2 + j // 2) % 2, ~mortar,
+                     (i + j) // 2 % 2, (i // 4 + j // 4) % 2, (i % 7 == 0) | (j % 7 == 0),
+                     (i % 4 < 2) & (j % 4 < 2)]).astype(np.float32)
+
+
+def make_world(rng: np.random.Generator, n: int, density: float) -> np.ndarray:
+    """An (n, n) uint8 world: a border wall in runs of colours (a landmark from anywhere) and scattered
+    blocks and wall segments, each of one type. Open space everywhere, so every region is a loop and
+    the walk (which ignores the world, like Loopcraft's) rarely bumps."""
+    w = np.zeros((n, n), np.uint8)
+    ring = [(0, j) for j in range(n - 1)] + [(i, n - 1) for i in range(n - 1)] + \
+           [(n - 1, j) for j in range(n - 1, 0, -1)] + [(i, 0) for i in range(n - 1, 0, -1)]
+    t = 0
+    while t < len(ring):                            # border runs of 2..5 cells
+        run = int(rng.integers(2, 6))
+        w[tuple(np.array(ring[t:t + run]).T)] = rng.integers(1, 9)
+        t += run
+    for _ in range(round(density * (n - 2) ** 2 / 2.5)):      # structures cover 2.5 cells on average
+        if rng.random() < 0.5:                      # block, 1-2 x 1-2
+            h, l = rng.integers(1, 3, 2)
+        else:                                       # wall segment, 1 x 2-4, either orientation
+            h, l = (1, int(rng.integers(2, 5)))[:: 1 if rng.random() < 0.5 else -1]
+        i, j = rng.integers(1, n - 1, 2)
+        w[i:min(i + h, n - 1), j:min(j + l, n - 1)] = rng.integers(1, 9)
+    return w
+
+
+def start_state(rng: np.random.Generator, world: np.ndarray) -> tuple[int, int, int]:
+    """(x, y, yaw): the centre of a random floor cell in the middle half whose 4 neighbours are free."""
+    n = len(world)
+    y, x = np.mgrid[:n, :n]
+    pad = np.pad(world == 0, 1)
+    ok = pad[1:-1, 1:-1] & pad[:-2, 1:-1] & pad[2:, 1:-1] & pad[1:-1, :-2] & pad[1:-1, 2:]
+    ok &= (abs(x - n / 2) < n / 4) & (abs(y - n / 2) < n / 4)
+    cells = np.argwhere(ok)
+    if len(cells) == 0:
+        raise ValueError("world has no free cell to start in")
+    cy, cx = cells[rng.integers(len(cells))]
+    return int(cx) * UNIT + UNIT // 2, int(cy) * UNIT + UNIT // 2, int(rng.integers(4)) * 90
+
+
+def simulate(world: np.ndarray, actions: np.ndarray, start: tuple[int, int, int]) -> np.ndarray:
+    """Poses (n, frames, 6) float32 [action, x, y, z, yaw, pitch] of action sequences (n, frames):
+    x, y in cells (x = column, y = row of `world`), z the eye height, yaw in degrees (0 = +x, left turns
+    add), pitch 0. Frame t is observed after action t. A forward frame moves 1/9 cell along the heading
+    unless the body's front would enter a wall, then it does not move (collisions stop motion)."""
+    x0, y0, yaw0 = start
+    n, frames = actions.shape
+    yaw = (yaw0 + TURN * np.cumsum((actions == LEFT).astype(np.int64) - (actions == RIGHT), 1)) % 360
+    fwd = actions == FORWARD
+    if np.any(fwd & (yaw % 90 != 0)):
+        raise ValueError("a forward frame at a yaw that is not a multiple of 90°: hold turns 9 frames")
+    q = yaw // 90                                               # forwards only ever run along an axis
+    dx = np.where(fwd, np.array([1, 0, -1, 0])[q], 0)           # (n, frames)
+    dy = np.where(fwd, np.array([0, 1, 0, -1])[q], 0)
+    x, y = np.full(n, x0), np.full(n, y0)
+    xs, ys = np.empty((n, frames), np.int64), np.empty((n, frames), np.int64)
+    for t in range(frames):
+        nx, ny = x + STEP * dx[:, t], y + STEP * dy[:, t]
+        free = world[(ny + RADIUS * dy[:, t]) // UNIT, (nx + RADIUS * dx[:, t]) // UNIT] == 0
+        x, y = np.where(free, nx, x), np.where(free, ny, y)
+        xs[:, t], ys[:, t] = x, y
+    zeros = np.zeros((n, frames))
+    return np.stack([actions, xs / UNIT, ys / UNIT, zeros + EYE, yaw, zeros], -1).astype(np.float32)
+
+
+def chamfer(xy: np.ndarray, context: int) -> np.ndarray:
+    """Symmetric Chamfer distance (n,) between context points xy[:, :context] and the rest (App. A.1):
+    mean nearest-neighbour Euclidean distance in both directions, summed."""
+    a, b = xy[:, :context].astype(np.float64), xy[:, context:].astype(np.float64)
+    # |a - b|² = |a|² + |b|² - 2 a·b, one (n, C, F - C) array instead of (n, C, F - C, 2)
+    d2 = (a ** 2).sum(-1)[:, :, None] + (b ** 2).sum(-1)[:, None, :] - 2 * a @ b.transpose(0, 2, 1)
+    d2 = np.maximum(d2, 0)
+    return np.sqrt(d2.min(2)).mean(1) + np.sqrt(d2.min(1)).mean(1)
+
+
+def path_stats(poses: np.ndarray) -> dict:
+    """Distance covered (cells) and the fraction of forward frames on which the agent actually moved."""
+    step = np.abs(np.diff(poses[:, 1:3], axis=0)).sum(1)
+    fwd = poses[1:, 0] == FORWARD
+    return dict(distance=float(step.sum()), forward=float(np.mean(poses[:, 0] == FORWARD)),
+                moved=float((step[fwd] > 0).mean()) if fwd.any() else 1.0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# First-person ray casting: one ray per image column, every column of every frame at once
+
+@lru_cache(maxsize=8)
+def _lut(size: int) -> np.ndarray:
+    """Colour table: (type, side, v, u) wall texels, then one floor/ceiling colour per image row."""
+    tex = PALETTE[1:9, None, None].astype(np.float32) * (0.8 + 0.4 * _patterns())[..., None]
+    tex = np.stack([tex, 0.75 * tex], 1)            # faces crossed along y are darker: corners read
+    r = np.abs(np.arange(size) + 0.5 - size / 2) / (size / 2)        # 0 at the horizon, 1 at the edge
+    sky = np.where((np.arange(size) < size / 2)[:, None], PALETTE[-1], PALETTE[0])
+    rows = sky * (0.55 + 0.45 * r)[:, None]         # darker towards the horizon: depth cue
+    return np.concatenate([tex.reshape(-1, 3), rows]).round().clip(0, 255).astype(np.uint8)
+
+
+def render(world: np.ndarray, poses: np.ndarray, size: int, fov: float = 70.0) -> np.ndarray:
+    """Frames (n, size, size, 3) uint8 seen from poses (n, >=5) [.., x, y, z, yaw, ..] in `world`."""
+    n, f = len(poses), math.tan(math.radians(fov) / 2)
+    th = np.radians(poses[:, 4].astype(np.float64))
+    cam = (2 * (np.arange(size) + 0.5) / size - 1) * f               # screen x, left to right
+    # ray = heading + cam · right, right = heading turned -90°; |heading·ray| = 1, so the ray parameter
+    # at a wall is the perpendicular (fish-eye free) distance.
+    rdx = (np.cos(th)[:, None] + cam * np.sin(th)[:, None]).ravel()  # (n·size,)
+    rdy = (np.sin(th)[:, None] - cam * np.cos(th)[:, None]).ravel()
+    px, py = np.repeat(poses[:, 1].astype(np.float64), size), np.repeat(poses[:, 2].astype(np.float64), size)
+    mx, my = np.floor(px).astype(np.int64), np.floor(py).astype(np.int64)
+    with np.errstate(divide="ignore"):
+        ddx, ddy = np.abs(1 / rdx), np.abs(1 / rdy)                  # ray length per cell crossed
+    sx, sy = np.where(rdx < 0, -1, 1), np.where(rdy < 0, -1, 1)
+    tx = np.where(rdx < 0, px - mx, mx + 1 - px) * ddx               # ray length to the next x line
+    ty = np.where(rdy < 0, py - my, my + 1 - py) * ddy
+    dist, wall, yside = np.empty(n * size), np.empty(n * size, np.int64), np.empty(n * size, bool)
+    ray = np.arange(n * size)
+    while ray.size:                                 # DDA: step to the nearer grid line until a wall
+        across_x = tx < ty
+        t = np.where(across_x, tx, ty)
+        mx, my = mx + np.where(across_x, sx, 0), my + np.where(across_x, 0, sy)
+        tx, ty = tx + np.where(across_x, ddx, 0), ty + np.where(across_x, 0, ddy)
+        cell = world[my, mx]
+        hit = cell > 0
+        dist[ray[hit]], wall[ray[hit]], yside[ray[hit]] = t[hit], cell[hit], ~across_x[hit]
+        keep = ~hit
+        ray, mx, my, tx, ty, ddx, ddy, sx, sy = (a[keep] for a in (ray, mx, my, tx, ty, ddx, ddy, sx, sy))
+    # texture column u: where along the face the ray hit, mirrored so u runs left to right on screen
+    along = np.where(yside, px + dist * rdx, py + dist * rdy)
+    u = along - np.floor(along)
+    u = np.where(np.where(yside, rdy < 0, rdx > 0), 1 - u, u)
+    base = ((wall - 1) * 2 + yside) * TEX * TEX + np.minimum(u * TEX, TEX - 1).astype(np.int64)
+    # a row at yc pixels below the horizon sees height EYE - yc · dist · 2f / size on the wall plane;
+    # v = WALL - that height counts cells down from the wall top, the wall is where 0 <= v < WALL
+    yc = (np.arange(size, dtype=np.float32) + 0.5 - size / 2)
+    v = (WALL - EYE) + yc[None, :, None] * (dist * 2 * f / size).astype(np.float32).reshape(n, 1, size)
+    inwall = (v >= 0) & (v < WALL)                                   # (n, size, size)
+    texel = base.reshape(n, 1, size).astype(np.int32) + ((v * TEX).astype(np.int32) & (TEX - 1)) * TEX
+    rows = (8 * 2 * TEX * TEX + np.arange(size, dtype=np.int32))[None, :, None]
+    return _lut(size)[np.where(inwall, texel, rows)]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Frame store: DIR/KEY.frames = uint64 offsets[frames + 1] then one PNG per frame; DIR/KEY.npy poses
+
+def video_key(i: int) -> str:
+    return f"{i // 1000:03d}/{i % 1000:03d}"
+
+
+def _atomic_write(path: str, write) -> None:
+    """write(file) to a temporary name beside `path`, then rename: a killed job leaves no valid-looking file."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as fh:
+            write(fh)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _write_json(path: str, obj) -> None:
+    _atomic_write(path, lambda fh: fh.write(json.dumps(obj, indent=1, sort_keys=True).encode()))
+
+
+def encode_png(frame: np.ndarray) -> bytes:
+    """A minimal RGB PNG (filter 0, zlib level 1): 4x faster than PIL's encoder; any PNG reader decodes it."""
+    h, w, _ = frame.shape
+    raw = np.concatenate([np.zeros((h, 1), np.uint8), frame.reshape(h, w * 3)], 1)   # filter byte per row
+
+    def chunk(tag: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + tag + body + struct.pack(">I", zlib.crc32(tag + body))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(raw.tobytes(), 1)) + chunk(b"IEND", b""))
+
+
+def write_frames(path: str, frames, count: int) -> None:
+    """Stream `count` RGB uint8 frames into a packed PNG file; fails (leaving nothing) on another count."""
+    def write(fh):
+        fh.write(bytes(8 * (count + 1)))            # offsets, filled in once every frame is written
+        offsets = [fh.tell()]
+        for frame in frames:
+            fh.write(encode_png(np.ascontiguousarray(frame, np.uint8)))
+            offsets.append(fh.tell())
+        if len(offsets) != count + 1:
+            raise ValueError(f"{path}: got {len(offsets) - 1} frames, expected {count}")
+        fh.seek(0)
+        fh.write(np.array(offsets, "<u8").tobytes())
+    _atomic_write(path, write)
+
+
+def _save_npy(path: str, array: np.ndarray) -> None:
+    _atomic_write(path, lambda fh: np.save(fh, array))
+
+
+def load_index(root: str) -> dict[str, int]:
+    with open(os.path.join(root, "index.json")) as fh:
+        return json.load(fh)
+
+
+def read_frames(root: str, key: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+    """Frames [start, stop) of one video, (n, H, W, 3) uint8, reading only their bytes."""
+    with open(os.path.join(root, f"{key}.frames"), "rb") as fh:
+        frames = int(np.frombuffer(fh.read(8), "<u8")[0]) // 8 - 1
+        stop = frames if stop is None else stop
+        if not 0 <= start < stop <= frames:
+            raise IndexError(f"{root}/{key}.frames: range [{start}, {stop}) outside 0..{frames}")
+        fh.seek(8 * start)
+        off = np.frombuffer(fh.read(8 * (stop - start + 1)), "<u8").astype(np.int64)
+        fh.seek(off[0])
+        blob = fh.read(off[-1] - off[0])
+    off -= off[0]
+    return np.stack([np.asarray(Image.open(io.BytesIO(blob[a:b])).convert("RGB"))
+                     for a, b in zip(off[:-1], off[1:])])
+
+
+def read_actions(root: str, key: str) -> np.ndarray:
+    return np.load(os.path.join(root, f"{key}.npy")).astype(np.float32)
+
+
+def load_world(root: str, key: str) -> np.ndarray | None:
+    path = os.path.join(root, f"{key}.world.npy")
+    return np.load(path) if os.path.exists(path) else None
+
+
+def split_keys(keys, holdout: float = 0.01, seed: int = 0) -> tuple[list[str], list[str]]:
+    """Deterministic split: sorted keys, seeded shuffle, a fixed fraction (at least one) held out."""
+    keys = sorted(keys)
+    held = set(np.random.default_rng(seed).permutation(len(keys))[:max(1, round(holdout * len(keys)))])
+    return ([k for i, k in enumerate(keys) if i not in held], [k for i, k in enumerate(keys) if i in held])
+
+
+class FrameDataset(torch.utils.data.Dataset):
+    """Every (video, frame) of a frame store; item = float32 (3, H, W) in [0, 1]. Deterministic."""
+    def __init__(self, root: str, keys=None):
+        index = load_index(root)
+        self.root, self.keys = root, sorted(index) if keys is None else list(keys)
+        self.ends = np.cumsum([index[k] for k in self.keys])
+
+    def __len__(self):
+        return int(self.ends[-1]) if len(self.keys) else 0
+
+    def __getitem__(self, i):
+        v = int(np.searchsorted(self.ends, i, side="right"))
+        f = i - (int(self.ends[v - 1]) if v else 0)
+        frame = read_frames(self.root, self.keys[v], f, f + 1)[0]
+        return torch.from_numpy(frame).permute(2, 0, 1).float() / 255  # (3, H, W)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Latent store (written by train.py --stage encode): DIR/KEY/l{level}.npy float16 (frames, T_l, C)
+
+def write_latents(root: str, key: str, levels: list[np.ndarray], actions: np.ndarray) -> None:
+    for level, z in enumerate(levels):
+        _save_npy(os.path.join(root, key, f"l{level}.npy"), np.asarray(z, np.float16))
+    _save_npy(os.path.join(root, key, "actions.npy"), np.asarray(actions, np.float32))  # last: marks done
+
+
+def read_latents(root: str, key: str, level: int, start: int, stop: int) -> np.ndarray:
+    return np.array(np.load(os.path.join(root, key, f"l{level}.npy"), mmap_mode="r")[start:stop])
+
+
+class ChunkDataset(torch.utils.data.Dataset):
+    """Every (video, start) with start in [0, frames - chunk_frames] of a latent store. Deterministic."""
+    def __init__(self, root: str, keys, chunk_frames: int, levels=None):
+        self.root, self.keys, self.N = root, list(keys), chunk_frames
+        self.levels = list(levels) if levels is not None else \
+            [l for l in range(16) if os.path.exists(os.path.join(root, self.keys[0], f"l{l}.npy"))]
+        frames = [len(np.load(os.path.join(root, k, "actions.npy"), mmap_mode="r")) for k in self.keys]
+        self.ends = np.cumsum([max(0, f - chunk_frames + 1) for f in frames])
+
+    def __len__(self):
+        return int(self.ends[-1]) if len(self.keys) else 0
+
+    def __getitem__(self, i):
+        v = int(np.searchsorted(self.ends, i, side="right"))
+        key, start = self.keys[v], i - (int(self.ends[v - 1]) if v else 0)
+        latents = [torch.from_numpy(read_latents(self.root, key, l, start, start + self.N).astype(np.float32))
+                   for l in self.levels]                                          # (N, T_l, C) each
+        act = np.load(os.path.join(self.root, key, "actions.npy"), mmap_mode="r")[start:start + self.N, 0]
+        return dict(latents=latents, actions=torch.from_numpy(act.astype(np.int64)), key=key, start=start)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Maze dataset generation: plan (world + actions + real path), then render and write
+
+def _plan(cfg: MazeConfig, split: str, i: int):
+    """(world, poses (frames, 6), Chamfer) of train video i or test candidate i; seeded by (seed, split, i)
+    alone, so the bytes do not depend on the worker count. A test candidate draws cfg.candidates action
+    sequences, simulates each in its world (the real path, collisions included, where the paper
+    integrates a collision-free plane), and picks uniformly among the cfg.lowest lowest Chamfer (App. A.1)."""
+    rng = np.random.default_rng([cfg.seed, ("train", "test").index(split), i])
+    world = make_world(rng, cfg.world, cfg.density)
+    start = start_state(rng, world)
+    poses = simulate(world, random_walk(rng, cfg.frames, 1 if split == "train" else cfg.candidates), start)
+    d = chamfer(poses[..., 1:3], cfg.context)
+    pick = 0 if split == "train" else int(np.argsort(d, kind="stable")[rng.integers(cfg.lowest)])
+    return world, poses[pick], float(d[pick])
+
+
+def _write_video(out: str, key: str, cfg: MazeConfig, world: np.ndarray, poses: np.ndarray) -> None:
+    write_frames(os.path.join(out, f"{key}.frames"), render(world, poses, cfg.size, cfg.fov), len(poses))
+    _save_npy(os.path.join(out, f"{key}.world.npy"), world)
+    _save_npy(os.path.join(out, f"{key}.npy"), poses)
+
+
+def _map(fn, jobs: list[tuple], workers: int) -> list:
+    """[fn(*job) for job in jobs], across `workers` processes when > 1."""
+    if workers <= 1:
+        return [fn(*j) for j in jobs]
+    with Pool(workers) as pool:
+        return pool.starmap(fn, jobs, chunksize=max(1, len(jobs) // (8 * workers)))
+
+
+def make_maze(out: str, cfg: MazeConfig, split: str = "train") -> dict:
+    """Write a maze frame store to `out` (index.json last, so a killed run leaves no valid index).
+    Train: cfg.videos walks. Test: cfg.pool · cfg.test_videos loop-biased candidates, of which the
+    cfg.test_videos that covered the most distance are kept (drops stuck agents, App. A.1)."""
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    if not 0 < cfg.context < cfg.frames:
+        raise ValueError(f"context must be in 1 .. frames - 1 = {cfg.frames - 1}, got {cfg.context}")
+    n = cfg.videos if split == "train" else cfg.test_videos
+    plans = _map(_plan, [(cfg, split, i) for i in range(n if split == "train" else cfg.pool * n)],
+                 cfg.workers)
+    if split == "test":
+        far = np.argsort([-path_stats(p)["distance"] for _, p, _ in plans], kind="stable")[:n]
+        plans = [plans[i] for i in sorted(far)]
+    keys = [video_key(i) for i in range(n)]
+    _map(_write_video, [(out, k, cfg, w, p) for k, (w, p, _) in zip(keys, plans)], cfg.workers)
+    stats = [path_stats(p) for _, p, _ in plans]
+    meta = dict(source="maze", size=cfg.size, fps=20, split=split, context=cfg.context,
+                config={k: v for k, v in asdict(cfg).items() if k != "workers"},   # bytes independent of workers
+                chamfer=float(np.mean([c for _, _, c in plans])),
+                forward=float(np.mean([s["forward"] for s in stats])),
+                moved=float(np.mean([s["moved"] for s in stats])))
+    _write_json(os.path.join(out, "meta.json"), meta)
+    _write_json(os.path.join(out, "index.json"), {k: cfg.frames for k in keys})
+    return meta
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loopcraft: the released layout (index.json, NNN/MMM.mp4, NNN/MMM.npy) -> the frame store
+
+def _prepare_one(src: str, dst: str, key: str, count: int) -> tuple[int, int]:
+    mp4, npy = os.path.join(src, f"{key}.mp4"), os.path.join(src, f"{key}.npy")
+    for path in (mp4, npy):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path}: missing (listed in {src}/index.json)")
+    poses = np.load(npy)
+    if poses.ndim != 2 or poses.shape[1] != 6:
+        raise ValueError(f"{npy}: expected shape (frames, 6), got {poses.shape}")
+    if len(poses) != count:
+        raise ValueError(f"{npy}: {len(poses)} frames but index.json says {count}")
+    if not np.all(np.isin(poses[:, 0], (FORWARD, LEFT, RIGHT))):
+        bad = np.unique(poses[:, 0][~np.isin(poses[:, 0], (FORWARD, LEFT, RIGHT))])
+        raise ValueError(f"{npy}: action ids must be 0 (forward), 1 (left) or 2 (right), found {bad[:5]}")
+    import imageio_ffmpeg
+    try:
+        reader = imageio_ffmpeg.read_frames(mp4, pix_fmt="rgb24")
+        w, h = next(reader)["size"]
+    except (OSError, RuntimeError, StopIteration) as e:
+        raise ValueError(f"{mp4}: cannot decode video ({e})") from None
+    frames = (np.frombuffer(b, np.uint8).reshape(h, w, 3) for b in reader)
+    try:
+        write_frames(os.path.join(dst, f"{key}.frames"), frames, count)
+    except ValueError as e:
+        raise ValueError(f"{mp4}: video and index.json disagree ({e})") from None
+    _save_npy(os.path.join(dst, f"{key}.npy"), poses.astype(np.float32))
+    return w, h
+
+
+def prepare(src: str, dst: str, workers: int = 2) -> dict[str, int]:
+    """Convert and validate every video listed in src/index.json; dst/index.json is written last."""
+    try:
+        index = load_index(src)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{src}/index.json: cannot read ({e})") from None
+    if not isinstance(index, dict) or not all(isinstance(v, int) and v > 0 for v in index.values()):
+        raise ValueError(f"{src}/index.json: expected {{key: frames > 0}}")
+    sizes = set(_map(_prepare_one, [(src, dst, k, n) for k, n in sorted(index.items())], workers))
+    if len(sizes) != 1:
+        raise ValueError(f"{src}: videos differ in size {sorted(sizes)}")
+    (w, h), = sizes
+    _write_json(os.path.join(dst, "meta.json"), dict(source="loopcraft", size=h, fps=20, context=256))
+    _write_json(os.path.join(dst, "index.json"), dict(sorted(index.items())))
+    return index
+
+
+# ---------------------------------------------------------------------------------------------------
+# Maps and `show`
+
+def draw_map(world: np.ndarray | None, poses: np.ndarray, split: int, size: int) -> np.ndarray:
+    """Top-down map (size, size, 3) uint8, north up: world cells in PALETTE colours, the path of the
+    first `split` frames in white, later frames in black, the last pose as a red dot with its heading.
+    For Loopcraft (world None) the plane is Minecraft's x, z (y is up) fitted to the path."""
+    if world is not None:
+        xy, (lo, hi) = poses[:, 1:3].astype(np.float64), (np.zeros(2), np.array(world.shape[::-1], float))
+        img = Image.fromarray(PALETTE[world[::-1]]).resize((size, size), Image.NEAREST)
+    else:
+        xy = poses[:, [1, 3]].astype(np.float64)
+        lo, hi = xy.min(0) - 2, xy.max(0) + 2
+        lo, hi = (lo + hi) / 2 - (hi - lo).max() / 2, (lo + hi) / 2 + (hi - lo).max() / 2
+        img = Image.new("RGB", (size, size), (40, 40, 40))
+    pix = (xy - lo) / (hi - lo) * size
+    pix[:, 1] = size - pix[:, 1]                    # map y up -> image rows down
+    draw, pts = ImageDraw.Draw(img), [tuple(p) for p in pix]
+    for part, colour in ((pts[:split], "white"), (pts[max(split - 1, 0):], "black")):
+        if len(part) > 1:
+            draw.line(part, fill=colour, width=max(1, size // 128))
+    (x, y), th, r = pix[-1], math.radians(float(poses[-1, 4])), max(2, size // 64)
+    draw.line([(x, y), (x + 3 * r * math.cos(th), y - 3 * r * math.sin(th))], fill="red", width=max(1, r // 2))
+    draw.ellipse([x - r, y - r, x + r, y + r], fill="red")
+    return np.asarray(img)
+
+
+def show(root: str, key: str, out: str, side: int = 256) -> None:
+    """The video next to the map (PNG: 8 moments; GIF/MP4: every frame)."""
+    frames, poses, world = read_frames(root, key), read_actions(root, key), load_world(root, key)
+    with open(os.path.join(root, "meta.json")) as fh:
+        split = json.load(fh).get("context", 256)
+
+    def panel(t):
+        view = np.asarray(Image.fromarray(frames[t]).resize((side, side), Image.NEAREST))
+        return np.concatenate([view, draw_map(world, poses[:t + 1], split, side)], 1)  # (side, 2·side, 3)
+    if out.lower().endswith(".png"):
+        times = np.linspace(0, len(frames) - 1, 8).round().astype(int)
+        Image.fromarray(np.concatenate([panel(t) for t in times], 0)).save(out)
+    elif out.lower().endswith(".gif"):
+        images = [Image.fromarray(panel(t)) for t in range(len(frames))]
+        images[0].save(out, save_all=True, append_images=images[1:], duration=50, loop=0)
+    else:
+        import imageio
+        imageio.mimwrite(out, [panel(t) for t in range(len(frames))], fps=20, codec="libx264",
+                         pixelformat="yuv420p", macro_block_size=16)
+
+
+def bench(cfg: MazeConfig) -> None:
+    """Print rendering frames/s on one core, end-to-end generation throughput, random frame reads/s."""
+    plans = [_plan(cfg, "train", i) for i in range(4)]
+    render(*plans[0][:2], cfg.size, cfg.fov)
+    t = time.perf_counter()
+    n = sum(len(render(w, p, cfg.size, cfg.fov)) for w, p, _ in plans)
+    print(f"render {cfg.size}x{cfg.size}: {n / (time.perf_counter() - t):,.0f} frames/s on one core")
+    with tempfile.TemporaryDirectory() as tmp:
+        for split, count in (("train", 4 * cfg.workers * 8), ("test", 2 * cfg.workers)):
+            small = replace(cfg, videos=count, test_videos=count)
+            t = time.perf_counter()
+            make_maze(os.path.join(tmp, split), small, split)
+            dt = (time.perf_counter() - t) / count
+            total = cfg.videos if split == "train" else cfg.test_videos
+            print(f"generate {split}: {count * cfg.frames / dt / count:,.0f} frames/s with {cfg.workers} "
+                  f"workers ({dt:.3f} s/video; {total} videos -> {total * dt / 60:.1f} min extrapolated)")
+        data = FrameDataset(os.path.join(tmp, "train"))
+        idx = np.random.default_rng(0).integers(len(data), size=2000)
+        t = time.perf_counter()
+        for i in idx:
+            data[int(i)]
+        print(f"random single-frame reads: {len(idx) / (time.perf_counter() - t):,.0f} frames/s")
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    m = sub.add_parser("maze", help="generate a maze frame store")
+    m.add_argument("--out", required=True)
+    m.add_argument("--split", choices=["train", "test"], default="train")
+    b = sub.add_parser("bench", help="print throughput figures")
+    for q in (m, b):
+        q.add_argument("--preset", choices=sorted(PRESETS), default="toy")
+        q.add_argument("--videos", type=int, help="videos in the chosen split")
+        for f in fields(MazeConfig):
+            if f.name not in ("videos", "test_videos"):
+                q.add_argument(f"--{f.name}", type=type(MazeConfig.__dataclass_fields__[f.name].default))
+    pr = sub.add_parser("prepare", help="released Loopcraft layout -> frame store")
+    pr.add_argument("src"), pr.add_argument("dst"), pr.add_argument("--workers", type=int, default=2)
+    s = sub.add_parser("show", help="video next to its top-down map")
+    s.add_argument("root"), s.add_argument("key"), s.add_argument("--out", required=True)
+    a = p.parse_args(argv)
+    if a.cmd in ("maze", "bench"):
+        over = {f.name: getattr(a, f.name) for f in fields(MazeConfig) if getattr(a, f.name, None) is not None}
+        if a.videos is not None:
+            over["test_videos" if getattr(a, "split", "train") == "test" else "videos"] = a.videos
+        cfg = maze_config(a.preset, **over)
+        print(cfg)
+        if a.cmd == "bench":
+            bench(cfg)
+        else:
+            t = time.perf_counter()
+            meta = make_maze(a.out, cfg, a.split)
+            print(f"wrote {a.out} in {time.perf_counter() - t:.1f} s: mean Chamfer {meta['chamfer']:.2f} cells, "
+                  f"forward {meta['forward']:.3f}, moving on {meta['moved']:.3f} of forward frames")
+    elif a.cmd == "prepare":
+        print(f"prepared {len(prepare(a.src, a.dst, a.workers))} videos into {a.dst}")
+    else:
+        show(a.root, a.key, a.out)
+
+
+if __name__ == "__main__":
+    main()

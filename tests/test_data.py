@@ -1,0 +1,298 @@
+"""Tests for data.py: action semantics by hand, the random walk's statistics, the maze's bump rate and
+test-split overlap, byte-identical generation, the stores, and Loopcraft `prepare` with bad inputs."""
+import json
+from dataclasses import replace
+import math
+import os
+
+import imageio
+import numpy as np
+import pytest
+import torch
+from torch.utils.data.distributed import DistributedSampler
+
+import data
+from data import FORWARD, LEFT, RIGHT
+
+
+def open_world(n=6):
+    w = np.zeros((n, n), np.uint8)
+    w[0, :] = w[-1, :] = w[:, 0] = w[:, -1] = 1
+    return w
+
+
+def centre(cx, cy, yaw):
+    return (cx * data.UNIT + data.UNIT // 2, cy * data.UNIT + data.UNIT // 2, yaw)
+
+
+# --- action semantics, hand-computed ----------------------------------------------------------------
+
+def test_held_turn_is_exactly_90_degrees_and_frame_t_follows_action_t():
+    poses = data.simulate(open_world(), np.array([[LEFT] * 9 + [RIGHT] * 18]), centre(2, 2, 0))[0]
+    assert poses.dtype == np.float32 and poses.shape == (27, 6)
+    np.testing.assert_array_equal(poses[:9, 4], np.arange(10, 91, 10))      # frame 0 already turned 10°
+    assert poses[17, 4] == 0 and poses[26, 4] == 270                        # right turns wrap to 270
+    np.testing.assert_array_equal(poses[:, 1:3], 2.5)                       # turning never moves
+    np.testing.assert_array_equal(poses[:, 0], [LEFT] * 9 + [RIGHT] * 18)
+    assert np.all(poses[:, 3] == data.EYE) and np.all(poses[:, 5] == 0)
+
+
+@pytest.mark.parametrize("yaw,dx,dy", [(0, 1, 0), (90, 0, 1), (180, -1, 0), (270, 0, -1)])
+def test_held_forward_in_free_space_moves_exactly_one_cell(yaw, dx, dy):
+    poses = data.simulate(open_world(), np.zeros((1, 9), np.int64), centre(2, 2, yaw))[0]
+    steps = np.arange(1, 10) / 9
+    np.testing.assert_allclose(poses[:, 1], 2.5 + dx * steps, atol=1e-6)
+    assert poses[-1, 1] == 2.5 + dx and poses[-1, 2] == 2.5 + dy             # exactly, not approximately
+
+
+def test_wall_stops_motion():
+    w = open_world()
+    w[2, 3] = 5                                        # a wall right in front of cell (x=2, y=2) facing +x
+    poses = data.simulate(w, np.zeros((1, 18), np.int64), centre(2, 2, 0))[0]
+    # eye at 9/18 of the cell, body reaches 4/18 ahead: 11 and 13 fit (13 + 4 < 18), 15 would not
+    np.testing.assert_array_equal(poses[:, 1] * 18, [2 * 18 + 11] + [2 * 18 + 13] * 17)
+    assert data.path_stats(poses)["moved"] == pytest.approx(1 / 17)
+
+
+def test_unheld_turn_before_forward_is_rejected():
+    with pytest.raises(ValueError, match="hold turns 9 frames"):
+        data.simulate(open_world(), np.array([[LEFT, FORWARD]]), centre(2, 2, 0))
+
+
+# --- Loopcraft's random walk ------------------------------------------------------------------------
+
+def test_random_walk_bundles_match_loopcraft_parameters():
+    actions, used = data.walk_bundles(np.random.default_rng(0), 500, 40)     # 20,000 bundles
+    N = 20_000
+    bundles = [a[u] for a, u in zip(actions.reshape(N, 16), used.reshape(N, 16))]
+    k = np.array([np.sum(b != FORWARD) for b in bundles])
+    m = np.array([np.sum(b == FORWARD) - 1 for b in bundles])
+    assert all(b[0] == FORWARD and len(set(b[b != FORWARD])) == 1 for b in bundles)  # one direction
+    freq = np.bincount(k, minlength=5)[1:] / N
+    p = np.array(data.TURN_P)
+    assert np.all(np.abs(freq - p) < 4 * np.sqrt(p * (1 - p) / N))           # 4 standard errors
+    assert np.all((m >= k) & (m <= 3 * k - 1))
+    m4 = np.bincount(m[k == 4] - 4, minlength=8) / np.sum(k == 4)             # uniform over 4..11
+    assert np.all(np.abs(m4 - 1 / 8) < 4 * np.sqrt(1 / 8 * 7 / 8 / np.sum(k == 4)))
+    # the shuffle is uniform: the first slot after the extra forward is a turn with probability k/(k+m)
+    first_turn = np.array([b[1] != FORWARD for b in bundles])
+    expect = np.mean(k / (k + m))
+    assert abs(first_turn.mean() - expect) < 4 * np.sqrt(expect * (1 - expect) / N)
+
+
+def test_random_walk_holds_each_action_and_is_68_percent_forward():
+    walks = data.random_walk(np.random.default_rng(1), 9 * 300, 200)
+    held = walks.reshape(200, 300, 9)
+    assert np.all(held == held[..., :1])                                        # 9-frame holds
+    # forward fraction = 6.5 / 9.5 per bundle; tolerance from the spread of per-walk fractions
+    per_walk = np.mean(walks == FORWARD, 1)
+    assert abs(per_walk.mean() - 6.5 / 9.5) < 4 * per_walk.std() / np.sqrt(200)
+    assert abs(per_walk.mean() - 0.68) < 0.01
+
+
+# --- the maze: bumps are rare, the test split revisits its context -----------------------------------
+
+def test_agent_moves_on_most_forward_frames_and_test_split_revisits_context():
+    cfg = data.maze_config("toy")
+    train = [data._plan(cfg, "train", i) for i in range(60)]
+    moved = np.mean([data.path_stats(p)["moved"] for _, p, _ in train])
+    assert moved >= 0.85
+    test = [data._plan(cfg, "test", i) for i in range(12)]
+    # Chamfer of the real path, recomputed from the poses the plan returns
+    ch_train = np.mean([data.chamfer(p[None, :, 1:3], cfg.context)[0] for _, p, _ in train])
+    ch_test = np.mean([data.chamfer(p[None, :, 1:3], cfg.context)[0] for _, p, _ in test])
+    assert ch_test < 0.5 * ch_train
+    assert np.isclose(ch_test, np.mean([c for _, _, c in test]))
+
+
+def test_chamfer_hand_computed():
+    xy = np.array([[[0, 0], [0, 1], [3, 0], [0, 1]]], np.float32)           # context 2 points, rest 2
+    # context -> rest: 0 -> (0,1): 1, (0,1) -> (0,1): 0 ; rest -> context: (3,0): 3, (0,1): 0
+    assert data.chamfer(xy, 2)[0] == pytest.approx((1 + 0) / 2 + (3 + 0) / 2)
+
+
+def test_render_wall_height_and_colour_identity():
+    w = open_world(8)
+    w[3, 5] = 4                                        # a wall two cells ahead of (x=3, y=3) facing +x
+    frame = data.render(w, np.array([[FORWARD, 3.5, 3.5, data.EYE, 0, 0]]), 64, fov=70)[0]
+    col = frame[:, 32].astype(int)
+    below = np.sum(np.any(col[32:] != data._lut(64)[-64:][32:], 1))             # wall rows below horizon
+    assert below == math.floor(data.EYE * 64 / (2 * math.tan(math.radians(35)) * 1.5) + 0.5)  # 15 rows
+    # every textured, shaded texel keeps its type's chromaticity closest: coarse levels keep colour
+    chroma = lambda c: c / c.sum(-1, keepdims=True)
+    texels = data._lut(64)[:8 * 2 * 64].astype(float).reshape(8, 2 * 64, 3)
+    nearest = np.argmin(np.abs(chroma(texels)[:, :, None] - chroma(data.PALETTE[1:9].astype(float))).sum(-1), -1)
+    assert np.all(nearest == np.arange(8)[:, None])
+    assert np.argmin(np.abs(chroma(col[32].astype(float)) - chroma(data.PALETTE[1:9].astype(float))).sum(-1)) == 3
+
+
+# --- generation, determinism, frame store -----------------------------------------------------------
+
+def files(root):
+    out = {}
+    for d, _, names in os.walk(root):
+        for n in names:
+            with open(os.path.join(d, n), "rb") as fh:
+                out[os.path.relpath(os.path.join(d, n), root)] = fh.read()
+    return out
+
+
+def test_same_seed_same_bytes_regardless_of_workers(tmp_path):
+    cfg = data.maze_config("tiny", videos=4, test_videos=2, frames=40, context=16, candidates=20, pool=2)
+    data.make_maze(tmp_path / "a", replace(cfg, workers=1), "test")
+    data.make_maze(tmp_path / "b", replace(cfg, workers=2), "test")
+    data.make_maze(tmp_path / "c", replace(cfg, seed=1, workers=1), "test")
+    a, b, c = files(tmp_path / "a"), files(tmp_path / "b"), files(tmp_path / "c")
+    assert sorted(a) == sorted(b) and all(a[k] == b[k] for k in a)
+    assert a["000/000.frames"] != c["000/000.frames"]
+    assert data.load_index(tmp_path / "a") == {"000/000": 40, "000/001": 40}
+    poses, world = data.read_actions(tmp_path / "a", "000/001"), data.load_world(tmp_path / "a", "000/001")
+    assert poses.shape == (40, 6) and poses.dtype == np.float32 and world.shape == (16, 16)
+    frames = data.read_frames(tmp_path / "a", "000/001")
+    assert frames.shape == (40, 32, 32, 3) and frames.dtype == np.uint8
+    # the stored frames are the ground-truth renders of the stored poses
+    np.testing.assert_array_equal(frames, data.render(world, poses, 32, cfg.fov))
+    np.testing.assert_array_equal(data.read_frames(tmp_path / "a", "000/001", 7, 9), frames[7:9])
+    meta = json.loads((tmp_path / "a" / "meta.json").read_text())
+    assert meta["source"] == "maze" and meta["size"] == 32 and meta["fps"] == 20 and meta["context"] == 16
+
+
+def test_write_frames_count_mismatch_leaves_nothing(tmp_path):
+    path = str(tmp_path / "v.frames")
+    with pytest.raises(ValueError, match="expected 3"):
+        data.write_frames(path, iter(np.zeros((2, 4, 4, 3), np.uint8)), 3)
+    assert os.listdir(tmp_path) == []
+    data.write_frames(path, np.zeros((3, 4, 4, 3), np.uint8), 3)
+    with pytest.raises(IndexError, match="v.frames"):
+        data.read_frames(str(tmp_path), "v", 2, 4)
+
+
+def test_frame_dataset_and_distributed_sampler_partition(tmp_path):
+    rng = np.random.default_rng(0)
+    videos = {"000/000": rng.integers(0, 256, (5, 8, 8, 3), np.uint8),
+              "000/001": rng.integers(0, 256, (7, 8, 8, 3), np.uint8)}
+    for k, v in videos.items():
+        data.write_frames(str(tmp_path / f"{k}.frames"), v, len(v))
+    (tmp_path / "index.json").write_text(json.dumps({k: len(v) for k, v in videos.items()}))
+    ds = data.FrameDataset(str(tmp_path))
+    assert len(ds) == 12
+    x = ds[6]                                          # video 1, frame 1
+    assert x.shape == (3, 8, 8) and x.dtype == torch.float32
+    torch.testing.assert_close(x, torch.from_numpy(videos["000/001"][1]).permute(2, 0, 1).float() / 255)
+    parts = [list(DistributedSampler(ds, num_replicas=3, rank=r, shuffle=True, seed=5)) for r in range(3)]
+    assert sorted(sum(parts, [])) == list(range(12)) and all(len(p) == 4 for p in parts)
+    train, val = data.split_keys([f"{i:03d}/000" for i in range(50)][::-1], holdout=0.1, seed=3)
+    assert (train, val) == data.split_keys([f"{i:03d}/000" for i in range(50)], holdout=0.1, seed=3)
+    assert len(val) == 5 and sorted(train + val) == [f"{i:03d}/000" for i in range(50)]
+
+
+def test_latent_store_and_chunk_dataset(tmp_path):
+    rng = np.random.default_rng(0)
+    levels = {k: [rng.normal(size=(f, 4 ** (1 - l), 3)) for l in range(2)] for k, f in (("a/0", 6), ("a/1", 4))}
+    actions = {k: np.tile(np.arange(len(v[0]))[:, None] % 3, (1, 6)).astype(np.float32) for k, v in levels.items()}
+    for k in levels:
+        data.write_latents(str(tmp_path), k, levels[k], actions[k])
+    np.testing.assert_array_equal(data.read_latents(str(tmp_path), "a/0", 1, 2, 5),
+                                  levels["a/0"][1][2:5].astype(np.float16))
+    ds = data.ChunkDataset(str(tmp_path), ["a/0", "a/1"], chunk_frames=3)
+    assert len(ds) == (6 - 3 + 1) + (4 - 3 + 1)
+    item = ds[5]                                       # second chunk of a/1
+    assert item["key"] == "a/1" and item["start"] == 1
+    assert [z.shape for z in item["latents"]] == [(3, 4, 3), (3, 1, 3)] and item["latents"][0].dtype == torch.float32
+    torch.testing.assert_close(item["latents"][1], torch.from_numpy(levels["a/1"][1][1:4].astype(np.float16).astype(np.float32)))
+    assert item["actions"].tolist() == [1, 2, 0] and item["actions"].dtype == torch.long
+    assert len(data.ChunkDataset(str(tmp_path), ["a/0"], 3, levels=[1])[0]["latents"]) == 1
+
+
+def test_draw_map_colours_context_later_and_current(tmp_path):
+    w = open_world(8)
+    poses = data.simulate(w, np.array([[FORWARD] * 27 + [LEFT] * 9 + [FORWARD] * 18]), centre(2, 2, 0))[0]
+    img = data.draw_map(w, poses, 27, 128)
+    assert img.shape == (128, 128, 3) and img.dtype == np.uint8
+    colours = {tuple(c) for c in img.reshape(-1, 3)}
+    assert {(255, 255, 255), (0, 0, 0), (255, 0, 0)} <= colours
+    r, c = np.argwhere(np.all(img == (255, 0, 0), -1)).mean(0)   # red dot at (5.5, 4.5), north up
+    assert abs(c - 5.5 * 16) < 4 and abs(r - (128 - 4.5 * 16)) < 6
+    assert data.draw_map(None, poses[:, [0, 1, 3, 2, 4, 5]], 27, 64).shape == (64, 64, 3)
+
+
+# --- Loopcraft prepare --------------------------------------------------------------------------------
+
+def clip(n, s, seed):
+    """A smooth moving colour field, like a rendered view rather than noise (H.264 keeps it well)."""
+    y, x = np.mgrid[:s, :s] / s
+    t = np.arange(n)[:, None, None] / n
+    rgb = [128 + 90 * np.sin(2 * np.pi * (x + t + 0.3 * seed)), 128 + 90 * np.cos(2 * np.pi * (y - t)),
+           128 + 60 * np.sin(2 * np.pi * (x + y + 2 * t))]
+    return np.stack(rgb, -1).round().clip(0, 255).astype(np.uint8)
+
+
+def loopcraft_fixture(root, frames=(12, 12), actions=None):
+    """Written like the authors' release: imageio-ffmpeg, libx264, yuv420p, 20 fps, (frames, 6) float32."""
+    index = {}
+    for i, n in enumerate(frames):
+        key = f"000/{i:03d}"
+        os.makedirs(root / "000", exist_ok=True)
+        imageio.v2.mimwrite(root / f"{key}.mp4", clip(n, 64, i), fps=20, codec="libx264",
+                            pixelformat="yuv420p", macro_block_size=16)
+        a = np.random.default_rng(i).integers(0, 3, n) if actions is None else actions
+        np.save(root / f"{key}.npy", np.concatenate([a[:, None], np.random.default_rng(i).normal(size=(n, 5))],
+                                                     1).astype(np.float32))
+        index[key] = n
+    (root / "index.json").write_text(json.dumps(index))
+    return index
+
+
+def test_prepare_round_trip(tmp_path):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    index = loopcraft_fixture(src)
+    assert data.prepare(str(src), str(dst), workers=1) == index
+    assert data.load_index(dst) == index and json.loads((dst / "meta.json").read_text())["size"] == 64
+    for i, key in enumerate(index):
+        got, want = data.read_frames(dst, key).astype(int), clip(12, 64, i).astype(int)
+        # H.264 at imageio's default quality with 4:2:0 chroma: ~4/255 mean error measured; allow 8/255
+        assert np.abs(got - want).mean() < 8
+        # order is exact: every decoded frame is nearest its own source frame
+        dist = np.abs(got[:, None] - want[None]).mean((2, 3, 4))
+        np.testing.assert_array_equal(dist.argmin(1), np.arange(12))
+        np.testing.assert_array_equal(data.read_actions(dst, key), np.load(src / f"{key}.npy"))
+
+
+def break_fixture(src, what):
+    if what == "index count":
+        (src / "index.json").write_text(json.dumps({"000/000": 13}))
+        return "000/000.npy", "13"
+    if what == "action id":
+        a = np.load(src / "000/000.npy"); a[3, 0] = 3; np.save(src / "000/000.npy", a)
+        return "000/000.npy", "action ids"
+    if what == "shape":
+        np.save(src / "000/000.npy", np.zeros((12, 5), np.float32))
+        return "000/000.npy", r"\(frames, 6\)"
+    if what == "video count":                          # .npy and index say 13, the video has 12
+        np.save(src / "000/000.npy", np.zeros((13, 6), np.float32))
+        (src / "index.json").write_text(json.dumps({"000/000": 13}))
+        return "000/000.mp4", "got 12 frames, expected 13"
+    if what == "missing video":
+        os.remove(src / "000/000.mp4")
+        return "000/000.mp4", "missing"
+    (src / "000/000.mp4").write_bytes(b"not a video")
+    return "000/000.mp4", "decode"
+
+
+@pytest.mark.parametrize("what", ["index count", "action id", "shape", "video count", "missing video", "corrupt video"])
+def test_prepare_bad_inputs_name_the_file_and_leave_nothing_valid(tmp_path, what):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    loopcraft_fixture(src, frames=(12,))
+    name, message = break_fixture(src, what)
+    with pytest.raises((ValueError, FileNotFoundError), match=message) as err:
+        data.prepare(str(src), str(dst), workers=1)
+    assert name in str(err.value)
+    assert not dst.exists() or files(dst) == {}        # no index, no frames, no temporary files
+
+
+def test_show_writes_png(tmp_path):
+    cfg = data.maze_config("tiny", videos=1, frames=20, context=8, workers=1)
+    data.make_maze(tmp_path / "m", cfg)
+    data.main(["show", str(tmp_path / "m"), "000/000", "--out", str(tmp_path / "v.png")])
+    from PIL import Image
+    assert Image.open(tmp_path / "v.png").size == (2 * 256, 8 * 256)
