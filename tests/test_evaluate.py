@@ -60,6 +60,19 @@ def test_ssim_of_constant_images_matches_closed_form():
         np.testing.assert_allclose(ev.ssim(x, y), [(2 * a * b + C1) / (a * a + b * b + C1)], atol=1e-6)
 
 
+def test_ssim_of_a_constant_offset_matches_closed_form():
+    """x = a ± d checkerboard, y = x + c. With separable weights the local mean at output (p, q) is
+    μ = a + d (-1)^(p+q) s², s = Σ_i g_i (-1)^i; σx² = σy² = σxy (so the structure term is 1) and
+    SSIM = mean over both parities of (2μ(μ+c) + C1) / (μ² + (μ+c)² + C1)."""
+    a, d, c, C1 = 0.5, 0.2, 0.1, 0.01**2
+    i, j = np.mgrid[:20, :20]
+    x = np.repeat((a + d * (-1.0) ** (i + j))[None, :, :, None], 3, axis=3)  # (1, 20, 20, 3)
+    g = ev.gaussian_window().numpy()
+    s2 = (g * (-1.0) ** np.arange(11)).sum() ** 2
+    f = [(2 * mu * (mu + c) + C1) / (mu**2 + (mu + c) ** 2 + C1) for mu in (a + d * s2, a - d * s2)]
+    np.testing.assert_allclose(ev.ssim(x + c, x), [np.mean(f)], atol=1e-9)
+
+
 def test_ssim_matches_direct_window_computation():
     """Brute force in float64: every 11x11 window, weights w_ij = g_i g_j, per channel, averaged."""
     x, y = RNG.random((1, 14, 13, 3)), RNG.random((1, 14, 13, 3))
