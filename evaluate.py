@@ -252,18 +252,20 @@ def derangement(n, seed=0):
     return perm
 
 
-def decode_frames(decode, z, level=0, chunk=64):
-    """Decode latents (N, T_l, C) of one level, `chunk` frames at a time -> np.uint8 (N, H_l, W_l, 3).
-    `decode(z (n, T_l, C) tensor, level) -> (n, 3, H_l, W_l) float in [0, 1]`."""
-    z = torch.as_tensor(np.asarray(z, dtype=np.float32)) if isinstance(z, np.ndarray) else z.float()
+def decode_frames(decode, z, level=0, device=None, chunk=64):
+    """Decode latents (N, T_l, C) of one level alone, `chunk` frames at a time -> np.uint8 (N, H, W, 3).
+    `decode(z (n, T_l, C) tensor, level) -> (n, 3, H, W) float in [0, 1]` (the decoder's level-0 output
+    with every other level zeroed, as in Fig. 5; any size works, plans are shown at level 0's size)."""
+    z = (torch.from_numpy(np.asarray(z, dtype=np.float32)) if isinstance(z, np.ndarray) else z.float()).to(device)
     with torch.no_grad():
         return np.concatenate([to_uint8(decode(z[i:i + chunk], level)) for i in range(0, len(z), chunk)])
 
 
-def reference_frames(z0, z0_partner, decode):
+def reference_frames(z0, z0_partner, decode, device=None):
     """The two reference rows for one video, from level-0 latents (K, T_0, C) of its generated frames:
     its own latents decoded (upper bound) and its partner video's latents at the same frame indices."""
-    return {"ground-truth latents": decode_frames(decode, z0), "random latents": decode_frames(decode, z0_partner)}
+    return {"ground-truth latents": decode_frames(decode, z0, 0, device),
+            "random latents": decode_frames(decode, z0_partner, 0, device)}
 
 
 # ----------------------------------------------------------------------------- results and report
@@ -287,7 +289,7 @@ class Sample:
     key: str
     frames: dict                       # "ground truth" first, then model name -> video
     map: object = None                 # top-down trajectory: np.uint8 (S, S, 3) or a callable t -> one
-    plans: dict = field(default_factory=dict)  # model name -> per level np.uint8 (F, H_l, W_l, 3)
+    plans: dict = field(default_factory=dict)  # model name -> per level np.uint8 (F, H', W', 3)
 
 
 @dataclass
@@ -507,9 +509,12 @@ class Model:
 def evaluate_videos(cfg, keys, load, decode, models, palette=None, lpips_net=None, draw_map=None,
                     unavailable=None, device="cpu"):
     """The protocol over `keys` in batches of cfg.batch_size -> Results (then `report` writes it).
-    load(key) -> Video; decode(z (n, T_l, C), level) -> (n, 3, H_l, W_l) in [0, 1]; models: [Model];
-    draw_map(world, poses, split, size) as in data.py. The first cfg.num_samples videos become samples."""
+    load(key) -> Video; decode(z (n, T_l, C), level) -> (n, 3, H, W) in [0, 1]; models: [Model];
+    draw_map(world, poses, split, size) as in data.py. Latents, actions and metrics live on `device`.
+    The first cfg.num_samples videos become samples (side-by-side and plan videos)."""
     c, n, K = cfg.context, cfg.total, cfg.total - cfg.context
+    if not 0 < c < n:
+        raise ValueError(f"EvalConfig: expected 0 < context < total, got context={c}, total={n}")
     buckets, partner = horizon_buckets(K, cfg.buckets), derangement(len(keys), cfg.seed)
     values = {name: {} for name in [m.name for m in models] + ["ground-truth latents", "random latents"]}
     wall, samples = {m.name: 0.0 for m in models}, []
@@ -533,16 +538,18 @@ def evaluate_videos(cfg, keys, load, decode, models, palette=None, lpips_net=Non
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             wall[m.name] += time.perf_counter() - t0
+            if len(out[m.name][0][0]) < n:
+                raise ValueError(f"model {m.name}: generate returned {len(out[m.name][0][0])} frames, expected >= {n}")
         for b, (i, v) in enumerate(zip(batch, videos)):
             truth = v.frames[c:n]
-            frames = {name: decode_frames(decode, z[0][b, c:n]) for name, z in out.items()}
-            frames |= reference_frames(v.latents[0][c:n], load(keys[partner[i]]).latents[0][c:n], decode)
+            frames = {name: decode_frames(decode, z[0][b, c:n], 0, device) for name, z in out.items()}
+            frames |= reference_frames(v.latents[0][c:n], load(keys[partner[i]]).latents[0][c:n], decode, device)
             for name, f in frames.items():
                 for metric, x in frame_metrics(f, truth, palette, lpips_net, device).items():
                     values[name].setdefault(metric, []).append(x)
             if i < cfg.num_samples:  # whole videos: the context as the decoder shows it, then the rollout
-                context = decode_frames(decode, v.latents[0][:c])
-                plans = {name: [decode_frames(decode, z[l][b, :n], l) for l in range(len(z))]
+                context = decode_frames(decode, v.latents[0][:c], 0, device)
+                plans = {name: [decode_frames(decode, z[l][b, :n], l, device) for l in range(len(z))]
                          for name, z in out.items() if len(z) > 1}
                 mp = None if draw_map is None else (
                     lambda t, v=v: draw_map(v.world, v.poses[:t + 1], c, cfg.map_size))

@@ -315,3 +315,15 @@ def test_write_video_gif_and_plan_frames(tmp_path):
         gif.seek(i)
         durations.append(gif.info["duration"])
     assert gif.n_frames == 2 and sum(durations) == 500
+
+
+def test_bad_protocol_inputs_get_clear_errors():
+    keys = ["000/000", "000/001"]
+    load = lambda k: fake_video(int(k[-1]))  # noqa: E731
+    with pytest.raises(ValueError, match="context < total"):
+        ev.evaluate_videos(ev.eval_config("tiny", context=F, total=F), keys, load, fake_decode, [])
+    short = ev.Model("short", lambda z, a: [z[0][:, :F - 1]])
+    with pytest.raises(ValueError, match="model short: generate returned 23 frames, expected >= 24"):
+        ev.evaluate_videos(ev.eval_config("tiny", context=C, total=F, buckets=None), keys, load, fake_decode, [short])
+    with pytest.raises(ValueError, match="test video 000/000: 24 frames, evaluation needs total=30"):
+        ev.evaluate_videos(ev.eval_config("tiny", context=C, total=30, buckets=None), keys, load, fake_decode, [])
