@@ -312,7 +312,8 @@ def summarize(results):
         "metrics": {m: {"label": METRICS[m][0], "higher_is_better": METRICS[m][1]} for m in present},
         "unavailable": dict(results.unavailable), "config": dict(results.config),
         "rows": [{"name": r.name, "reference": r.reference, "videos": len(r.keys),
-                  "metrics": {m: dict(zip(map(bucket_name, results.buckets), bucket_means(r.per_frame[m], results.buckets)))
+                  "metrics": {m: dict(zip(map(bucket_name, results.buckets),
+                                          bucket_means(r.per_frame[m], results.buckets)))
                               for m in present if m in r.per_frame},
                   "rollout_steps": r.rollout_steps, "network_evals": r.network_evals, "wall_s_per_video": r.wall_s}
                  for r in results.rows]}
@@ -475,7 +476,8 @@ def report(out_dir, results, video_ext=".mp4"):
     plot_curves(os.path.join(out_dir, "consistency.png"), results)
     for s in results.samples:
         name = s.key.replace("/", "-")  # keys look like "000/012"
-        write_video(os.path.join(out_dir, "videos", name + video_ext), side_by_side_frames(s, results.context), results.fps)
+        write_video(os.path.join(out_dir, "videos", name + video_ext),
+                    side_by_side_frames(s, results.context), results.fps)
         for model, levels in s.plans.items():
             write_video(os.path.join(out_dir, "plans", f"{name}-{model}{video_ext}"),
                         plan_frames(levels, results.context), results.fps)
