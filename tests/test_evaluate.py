@@ -202,7 +202,8 @@ S, F, C = 32, 24, 8  # frame side, frames per video, context
 
 def fake_video(i):
     """A 'maze' video: palette-coloured vertical stripes scrolling by one pixel per frame."""
-    cols = (np.arange(S)[None, :] + np.arange(F)[:, None] + 7 * i) // 4 % len(PALETTE)  # shifts of 7k never repeat a video  # (F, S)
+    # (F, S) stripe colour per column; videos are shifted by 7i pixels, so no two look alike
+    cols = (np.arange(S)[None, :] + np.arange(F)[:, None] + 7 * i) // 4 % len(PALETTE)
     frames = np.repeat(PALETTE[cols][:, None], S, axis=1)  # (F, S, S, 3)
     latents = [frames[:, ::2**l, ::2**l].reshape(F, -1, 3).astype(np.float16) / 255 for l in range(2)]
     poses = np.zeros((F, 6), np.float32)
