@@ -1,0 +1,471 @@
+"""Video diffusion over the latent pyramid: MilliVid §3.2 and App. A.2 (sampling cost: App. A.3).
+
+One transformer (DiT-B) is shared by every hierarchy level and every rollout step. One forward pass is
+one rollout step's token sequence (see rollout.py): CONTEXT tokens are clean, DENOISED tokens are
+noisy, and every token knows its (frame, level, row, col) and the action of its frame. The model
+predicts v (v-prediction, Salimans & Ho 2022) under the cosine logSNR schedule of Simple Diffusion
+(Hoogeboom et al. 2023), shift 1.0 for every level. Generation of one step is deterministic DDIM.
+
+The dense FramePack baseline (§5 Q3, Fig. 11, App. A.2) is the same network with another input
+stage: it sees only level-0 latents, and older context frames are packed by space-to-depth with a
+2^k x 2^k kernel (one Linear per group k), so a frame in group k costs T_0 / 4^k tokens.
+
+    python diffusion.py bench --preset tiny|toy|paper --device cpu|cuda    # training throughput
+"""
+import argparse
+import math
+import time
+from dataclasses import dataclass, fields, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from rollout import CONTEXT, DENOISED  # token roles (UNSEEN cells never reach the model)
+from tokenizer import Attention, Mlp, sincos_embed
+
+
+@dataclass
+class DiTConfig:
+    # model: DiT-B (App. A.2)
+    depth: int = 12
+    width: int = 768                # divisible by 6 (3D sin/cos) and by heads
+    heads: int = 12
+    mlp_ratio: int = 4
+    channels: int = 32              # latent channels C of the autoencoder
+    levels: int = 4                 # hierarchy levels; for the dense model: patch groups k = 0..levels-1
+    num_actions: int = 3            # 0 forward, 1 left, 2 right
+    dense_framepack: bool = False   # the paper's FramePack baseline (level-0 tokens, 2^k x 2^k packing)
+    # diffusion (App. A.2 "Generative Model Training Setup", "Inference Details")
+    shift: float = 1.0              # schedule shift; the paper uses 1.0 for every level
+    logsnr_bound: float = 15.0      # logSNR runs from +15 (t = 0) to -15 (t = 1)
+    cfg_drop: float = 0.1           # classifier-free-guidance dropout per sample
+    sampling_steps: int = 50        # DDIM steps per rollout step
+    # video training (App. A.2): per-device batch, Muon + AdamW, linear warmup, clipping
+    batch_size: int = 48
+    steps: int = 192_000
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup: int = 2000
+    grad_clip: float = 1.0
+
+
+PRESETS = {
+    "paper": {},
+    # toy: 64x64 frames, patch 8 -> 64/16/4/1 tokens per level, 320-token steps; minutes on one GPU
+    "toy": dict(depth=6, width=384, heads=6, channels=16, levels=4,
+                batch_size=32, steps=20_000, warmup=500),
+    # tiny: 32x32 frames -> 16/4/1 tokens per level, 64-token steps; CPU tests
+    "tiny": dict(depth=2, width=48, heads=2, channels=8, levels=3,
+                 batch_size=8, steps=200, warmup=20),
+}
+
+
+def dit_config(preset="paper", **overrides) -> DiTConfig:
+    """The paper's settings, or a named preset, with strict overrides (unknown keys are errors)."""
+    if preset not in PRESETS:
+        raise ValueError(f"diffusion.dit_config: unknown preset {preset!r}, expected one of {list(PRESETS)}")
+    names = {f.name for f in fields(DiTConfig)}
+    unknown = set(overrides) - names
+    if unknown:
+        raise ValueError(f"diffusion.dit_config: unknown DiTConfig keys {sorted(unknown)}")
+    return replace(DiTConfig(), **{**PRESETS[preset], **overrides})
+
+
+# ----------------------------------------------------------------------------------------------------
+# Noise schedule and v-prediction (App. A.2: cosine schedule of Simple Diffusion, shift 1.0)
+
+def logsnr(t, shift=1.0, bound=15.0):
+    """Shifted cosine schedule in logSNR form; t in [0, 1] maps to logSNR in [+bound, -bound] + 2 ln shift."""
+    u_min, u_max = math.atan(math.exp(-bound / 2)), math.atan(math.exp(bound / 2))
+    u = u_min + t * (u_max - u_min)
+    # logSNR(t) = -2 ln tan(u) + 2 ln(shift)
+    return -2 * torch.log(torch.tan(u)) + 2 * math.log(shift)
+
+
+def alpha_sigma(t, shift=1.0, bound=15.0):
+    """alpha = sqrt(sigmoid(logSNR)), sigma = sqrt(sigmoid(-logSNR)), so alpha^2 + sigma^2 = 1."""
+    lam = logsnr(t, shift, bound)
+    return torch.sigmoid(lam).sqrt(), torch.sigmoid(-lam).sqrt()
+
+
+def timestep_embedding(t, dim=256, max_period=10_000):
+    """Sin/cos features of the diffusion time (DiT). t in [0, 1] is scaled to [0, 1000] as in DiT."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    angles = 1000 * t.float()[:, None] * freqs  # (U, half)
+    return torch.cat([angles.cos(), angles.sin()], dim=-1)
+
+
+def sincos_3d(frame, row, col, width):
+    """3D sin/cos position (App. A.2): width/3 channels each for frame, row, col. (B, T) -> (B, T, width)."""
+    return torch.cat([sincos_embed(p, width // 3) for p in (frame, row, col)], dim=-1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The DiT block. Attention (q/k RMS-norm) and Mlp are the tokenizer's; the block is not tokenizer's
+# AdaLNBlock because that one runs the adaLN Linear on every token, and here the conditioning takes only
+# a few distinct values per sample: computing the modulation once per distinct value saves a fifth
+# (paper size, 3840 tokens) to a third (toy) of the training FLOPs.
+
+def gather(table, index):
+    """Rows of table (U, D) for index (B, T) -> (B, T, D). (index_select: its backward is ~10x faster on
+    CPU than that of table[index].)"""
+    return table.index_select(0, index.flatten()).unflatten(0, index.shape)
+
+
+def modulate(x, shift, scale, index):
+    """adaLN: x·(1 + scale) + shift per token, from the (U, D) rows of the distinct conditionings."""
+    return torch.addcmul(gather(shift, index), x, gather(1 + scale, index))
+
+
+class DiTBlock(nn.Module):
+    """DiT block with adaLN-Zero, the conditioning being per token (each token has its own t, level, action)."""
+
+    def __init__(self, width, heads, mlp_ratio):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(width, heads)  # full bidirectional attention, no mask, q/k RMS-norm
+        self.norm2 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(width, mlp_ratio)
+        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))
+
+    def forward(self, x, c, index):
+        # c: (U, D) the few distinct conditioning vectors of the batch, index: (B, T) which one each token
+        # uses. The modulation is computed once per distinct c and gathered: the same numbers as a
+        # per-token Linear, at U/(B T) of its cost (U is tens, B T is thousands).
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(c).chunk(6, dim=-1)  # 6 x (U, D)
+        x = x + gather(gate1, index) * self.attn(modulate(self.norm1(x), shift1, scale1, index))
+        return x + gather(gate2, index) * self.mlp(modulate(self.norm2(x), shift2, scale2, index))
+
+
+class FinalLayer(nn.Module):
+    """adaLN + Linear back to the C latent channels (DiT); zero-initialised, so v starts at 0."""
+
+    def __init__(self, width, channels):
+        super().__init__()
+        self.norm = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
+        self.out = nn.Linear(width, channels)
+
+    def forward(self, x, c, index):
+        shift, scale = self.ada(c).chunk(2, dim=-1)  # 2 x (U, D)
+        return self.out(modulate(self.norm(x), shift, scale, index))
+
+
+def space_to_depth(a, frames, h, w, p):
+    """Pack p x p patches of row-major level-0 cells: (B, frames*h*w, D) -> (B, frames*(h/p)*(w/p), p*p*D).
+
+    The packed vector of a patch lists its tokens row-major (r0c0, r0c1, ..., r1c0, ...)."""
+    B, D = a.shape[0], a.shape[-1]
+    a = a.reshape(B, frames, h // p, p, w // p, p, D)  # (B, F, h/p, p, w/p, p, D)
+    return a.permute(0, 1, 2, 4, 3, 5, 6).reshape(B, frames * (h // p) * (w // p), p * p * D)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The video DiT
+
+class VideoDiT(nn.Module):
+    """v = model(x_t, t, frame, level, row, col, action): one rollout step's tokens in, v (B, T, C) out.
+
+    x_t (B, T, C); t (B, T) in [0, 1] per token; frame/level/row/col long (B, T) or (T,); action long
+    (B, T) or (T,) with -1 = dropped (zero embedding, for CFG). Frames are made relative inside.
+    Dense FramePack (cfg.dense_framepack): tokens are raw level-0 tokens laid out by
+    rollout.step_layout(dense=True) (level-major, frame, row-major; `level` = group k); v is returned
+    for the k = 0 tokens and is 0 on the packed context groups."""
+
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        if cfg.width % 6 or cfg.width % cfg.heads:
+            raise ValueError(f"DiTConfig.width={cfg.width} must be divisible by 6 (3D sin/cos) and by heads={cfg.heads}")
+        self.cfg = cfg
+        D, C = cfg.width, cfg.channels
+        if cfg.dense_framepack:
+            # one Linear(C 4^k -> D) per group k: a 2^k x 2^k patch of level-0 tokens becomes one token
+            self.embed = nn.ModuleList([nn.Linear(C * 4 ** k, D) for k in range(cfg.levels)])
+        else:
+            self.embed = nn.Linear(C, D)  # one token embedding shared by every level (§3.2)
+        self.t_embed = nn.Sequential(nn.Linear(256, D), nn.SiLU(), nn.Linear(D, D))
+        self.level_embed = nn.Embedding(cfg.levels, D)
+        self.action_embed = nn.Embedding(cfg.num_actions, D)
+        self.blocks = nn.ModuleList([DiTBlock(D, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth)])
+        self.final = FinalLayer(D, C)
+        self.init_weights()
+
+    def init_weights(self):
+        # Linear layers (token embeddings, attention, MLP): Xavier-uniform, zero bias (DiT)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        # timestep MLP and the learned level / action embeddings: N(0, 0.02) (DiT)
+        for m in [self.t_embed[0], self.t_embed[2], self.level_embed, self.action_embed]:
+            nn.init.normal_(m.weight, std=0.02)
+        # adaLN-Zero: every block's shift/scale/gate start at 0, so each block starts as the identity
+        for block in self.blocks:
+            nn.init.zeros_(block.ada[1].weight)
+            nn.init.zeros_(block.ada[1].bias)
+        # final layer: zero modulation and zero output Linear -> the model predicts exactly v = 0 at init
+        for m in [self.final.ada[1], self.final.out]:
+            nn.init.zeros_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    def conditioning(self, t, level, action):
+        """c = timestep_embedding(t) + level_embedding(level) + action_embedding(action) for each distinct
+        (t, level, action) of the batch: returns c (U, D) and index (B, T) into it."""
+        L, A = self.cfg.levels, self.cfg.num_actions + 1  # action -1 .. num_actions-1 -> 0 .. A-1
+        t_u, t_index = torch.unique(t, return_inverse=True)  # the distinct times
+        key_u, index = torch.unique((t_index * L + level) * A + action + 1, return_inverse=True)  # (U,), (B, T)
+        t_c, level_c, action_c = t_u[key_u // (L * A)], key_u // A % L, key_u % A - 1  # (U,) each
+        # action -1 means dropped (CFG): a zero vector instead of an embedding
+        a = self.action_embed(action_c.clamp(min=0)) * (action_c >= 0)[:, None]
+        c = self.t_embed(timestep_embedding(t_c)) + self.level_embed(level_c) + a
+        return c, index
+
+    def pack(self, x_t, t, frame, level, row, col, action):
+        """Dense FramePack input: space-to-depth each group k with 2^k x 2^k on the level-0 grid."""
+        B, T, _ = x_t.shape
+        h, w = int(row.max()) + 1, int(col.max()) + 1  # the level-0 grid
+        if not (level == level[:1]).all() or (level[:, 1:] < level[:, :-1]).any():
+            raise ValueError("VideoDiT(dense_framepack): level (group k) must be level-major and equal across "
+                             "the batch, as rollout.step_layout(dense=True) lays it out")
+        counts = torch.bincount(level[0], minlength=self.cfg.levels).tolist()  # raw tokens per group
+        tokens, meta, start = [], [], 0
+        for k, n in enumerate(counts):
+            p = 2 ** k
+            if n == 0:
+                continue
+            if n % (h * w) or h % p or w % p:
+                raise ValueError(f"VideoDiT(dense_framepack): group {k} has {n} tokens, not whole {h}x{w} "
+                                 f"frames divisible into {p}x{p} patches")
+            pack = lambda a: space_to_depth(a[:, start:start + n], n // (h * w), h, w, p)  # noqa: E731
+            tokens.append(self.embed[k](pack(x_t)))  # (B, F_k (h/p)(w/p), D)
+            # a packed token takes the (t, frame, action) of its frame and the downsampled (row, col)
+            m = pack(torch.stack([t, frame, level, row // p, col // p, action], -1).to(t.dtype))[..., :6]
+            meta.append(m)
+            start += n
+        meta = torch.cat(meta, 1)  # (B, T', 6): the top-left token of each patch
+        t, frame, level, row, col, action = meta.unbind(-1)
+        return torch.cat(tokens, 1), t, *(a.long() for a in (frame, level, row, col, action)), counts[0]
+
+    def forward(self, x_t, t, frame, level, row, col, action):
+        B, T, _ = x_t.shape
+        frame, level, row, col, action = (a.expand(B, T) for a in (frame, level, row, col, action))
+        t = t.float().expand(B, T)
+        if self.cfg.dense_framepack:
+            h, t, frame, level, row, col, action, n0 = self.pack(x_t, t, frame, level, row, col, action)
+        else:
+            h, n0 = self.embed(x_t), T  # (B, T, D)
+        # frame index relative to the step's earliest frame: training chunks and rollout buffers agree
+        frame = frame - frame.min(dim=1, keepdim=True).values
+        h = h + sincos_3d(frame, row, col, self.cfg.width).to(h.dtype)
+        c, index = self.conditioning(t, level, action)
+        for block in self.blocks:
+            h = block(h, c, index)
+        v = self.final(h[:, :n0], c, index[:, :n0])  # (B, n0, C): only k = 0 tokens are ever denoised
+        return F.pad(v, (0, 0, 0, T - n0))  # (B, T, C); zeros on packed context groups
+
+
+# ----------------------------------------------------------------------------------------------------
+# Objective and sampler
+
+def _config_of(model):
+    """The DiTConfig behind a model (DDP-wrapped or not); paper defaults for stand-in callables in tests."""
+    return getattr(getattr(model, "module", model), "cfg", DiTConfig())
+
+
+def _noise(fn, shape, generator, like):
+    device = generator.device if generator is not None else like.device
+    return fn(shape, generator=generator, device=device, dtype=like.dtype).to(like.device)
+
+
+def loss(model, x, role, frame, level, row, col, action, cfg_drop=0.1, generator=None, drop_actions=None):
+    """v-prediction MSE over DENOISED tokens (§3.2, App. A.2). x (B, T, C) clean latents, role (B, T).
+
+    One t ~ U(0, 1) per sample for its DENOISED tokens; CONTEXT at t = 0. CFG dropout: with probability
+    cfg_drop a sample's context goes to t = 1 (pure noise) and its actions are dropped (-1). The paper's
+    dense FramePack model keeps its actions; drop_actions=None picks that per model."""
+    cfg = _config_of(model)
+    drop_actions = not cfg.dense_framepack if drop_actions is None else drop_actions
+    B, T, _ = x.shape
+    role, action = role.expand(B, T), action.expand(B, T)
+    denoised = role == DENOISED
+    t_sample = _noise(torch.rand, (B, 1), generator, x)  # one t per sample
+    drop = _noise(torch.rand, (B, 1), generator, x) < cfg_drop  # CFG dropout per sample
+    t = torch.where(denoised, t_sample, drop.to(x.dtype))  # CONTEXT: t = 0, or t = 1 when dropped
+    if drop_actions:
+        action = torch.where(drop, -1, action)
+    eps = _noise(torch.randn, x.shape, generator, x)
+    alpha, sigma = (a[..., None] for a in alpha_sigma(t, cfg.shift, cfg.logsnr_bound))  # (B, T, 1)
+    # forward process: x_t = α·x + σ·ε
+    x_t = alpha * x + sigma * eps
+    # v-target: v = α·ε − σ·x (§3.2)
+    v = alpha * eps - sigma * x
+    v_hat = model(x_t, t, frame, level, row, col, action)
+    # plain MSE over DENOISED tokens only (no SNR weighting); CONTEXT outputs carry no loss
+    per_token = (v_hat.float() - v.float()).pow(2).mean(-1)  # (B, T)
+    return (per_token * denoised).sum() / denoised.sum().clamp(min=1)
+
+
+@torch.no_grad()
+def ddim_sample(model, x, role, frame, level, row, col, action, steps=50, cfg_scale=1.0, generator=None,
+                drop_actions=None):
+    """Deterministic DDIM for one rollout step (App. A.2): returns x with its DENOISED tokens generated.
+
+    x (B, T, C): CONTEXT tokens clean, DENOISED tokens anything (ignored). Times run over
+    linspace(1, 0, steps + 1) on the training schedule; CONTEXT stays at t = 0. With cfg_scale != 1 an
+    unconditional pass (context at t = 1, actions dropped) guides: v = v_u + s (v_c - v_u)."""
+    cfg = _config_of(model)
+    drop_actions = not cfg.dense_framepack if drop_actions is None else drop_actions
+    B, T, _ = x.shape
+    denoised = (role == DENOISED).expand(B, T)
+    uncond_action = torch.full_like(action.expand(B, T), -1) if drop_actions else action
+    eps_hat = _noise(torch.randn, x.shape, generator, x)  # one ε per token, fixed for CONTEXT
+    x_hat = torch.where(denoised[..., None], 0.0, x)  # DENOISED start from pure noise
+    ts = torch.linspace(1, 0, steps + 1, dtype=x.dtype, device=x.device)
+
+    def v_of(t, act):  # the model at per-token time t, inputs rebuilt as x_t = α·x̂ + σ·ε̂
+        alpha, sigma = (a[..., None] for a in alpha_sigma(t, cfg.shift, cfg.logsnr_bound))
+        x_t = alpha * x_hat + sigma * eps_hat
+        return x_t, alpha, sigma, model(x_t, t, frame, level, row, col, act).to(x.dtype)
+
+    for s in ts[:-1]:
+        t = torch.where(denoised, s, 0.0)  # (B, T): t on DENOISED, 0 on CONTEXT
+        x_t, alpha, sigma, v_hat = v_of(t, action)
+        if cfg_scale != 1.0:  # classifier-free guidance: context noised to t = 1, actions dropped
+            v_u = v_of(torch.where(denoised, s, 1.0), uncond_action)[-1]
+            v_hat = v_u + cfg_scale * (v_hat - v_u)
+        # DDIM: x̂ = α·x_t − σ·v̂, ε̂ = σ·x_t + α·v̂; the next x_t is α'·x̂ + σ'·ε̂ (only DENOISED move)
+        x_hat = torch.where(denoised[..., None], alpha * x_t - sigma * v_hat, x_hat)
+        eps_hat = torch.where(denoised[..., None], sigma * x_t + alpha * v_hat, eps_hat)
+    return x_hat
+
+
+# ----------------------------------------------------------------------------------------------------
+# Throughput benchmark: python diffusion.py bench --preset tiny|toy|paper --device cpu|cuda
+
+BENCH = {  # preset -> (tokens per step, level-0 grid side), from the shared preset table
+    "paper": (3840, 16), "toy": (320, 8), "tiny": (64, 4)}
+
+
+def bench_step(cfg, tokens, g0):
+    """A MilliVid-shaped step for timing: equal budget per level (level 0 doubled by the extra budget),
+    the newest level-0 frames DENOISED. Returns role, frame, level, row, col, each (T,)."""
+    share = tokens // (cfg.levels + 1)
+    cells = []
+    for l in range(cfg.levels):
+        g = g0 >> l
+        n = (2 if l == 0 else 1) * share // (g * g)  # frames at this level
+        f, r, c = torch.meshgrid(torch.arange(n), torch.arange(g), torch.arange(g), indexing="ij")
+        cells.append(torch.stack([f, torch.full_like(f, l), r, c], -1).reshape(-1, 4))  # (n g g, 4)
+    frame, level, row, col = torch.cat(cells).T
+    newest = frame >= frame[level == 0].max() + 1 - share // (g0 * g0)
+    role = torch.where((level == 0) & newest, DENOISED, CONTEXT)
+    return role, frame, level, row, col
+
+
+def train_flops(cfg, batch, tokens):
+    """Model FLOPs of one training step (forward + backward = 3 x forward): the per-token matmuls and
+    attention; the adaLN Linears run on the few distinct conditioning vectors and are left out."""
+    D = cfg.width
+    per_token = cfg.depth * (2 * (4 + 2 * cfg.mlp_ratio) * D * D + 4 * tokens * D) + 4 * cfg.channels * D
+    return 3 * per_token * batch * tokens
+
+
+def timed(step, iters):
+    """Seconds per call of step() after two warm-up calls (CUDA-synchronised)."""
+    for _ in range(2):
+        step()
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    for _ in range(iters):
+        step()
+    sync()
+    return (time.perf_counter() - start) / iters
+
+
+def make_steps(cfg, batch, tokens, g0, device):
+    """Training-step closures (forward, backward, AdamW) for VideoDiT and for a plain nn.TransformerEncoder
+    of the same width, depth, heads and sequence length."""
+    autocast = torch.autocast("cuda", torch.bfloat16, enabled=device == "cuda")  # bf16 on CUDA only
+    role, frame, level, row, col = (a.to(device) for a in bench_step(cfg, tokens, g0))
+    g = torch.Generator(device).manual_seed(0)
+    x = torch.randn(batch, tokens, cfg.channels, device=device, generator=g)
+    action = torch.randint(0, cfg.num_actions, (batch, tokens), device=device, generator=g)
+    dit = VideoDiT(cfg).to(device)
+    encoder = nn.TransformerEncoder(
+        nn.TransformerEncoderLayer(cfg.width, cfg.heads, cfg.mlp_ratio * cfg.width, dropout=0.0,
+                                   activation="gelu", batch_first=True, norm_first=True),
+        cfg.depth, enable_nested_tensor=False).to(device)
+    h = torch.randn(batch, tokens, cfg.width, device=device, generator=g)
+
+    def step_of(model, objective):
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=cfg.weight_decay)
+
+        def step():
+            with autocast:
+                objective().backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return step
+
+    dit_step = step_of(dit, lambda: loss(dit, x, role, frame, level, row, col, action, generator=g))
+    enc_step = step_of(encoder, lambda: encoder(h).float().pow(2).mean())
+    return dit, dit_step, enc_step
+
+
+def bench(preset, device, batch, iters, rounds=3):
+    cfg = dit_config(preset)
+    tokens, g0 = BENCH[preset]
+    print(f"bench: preset {preset}, device {device}, batch {batch}, {tokens} tokens/step, "
+          f"DiT depth {cfg.depth} width {cfg.width} heads {cfg.heads}, {torch.get_num_threads()} CPU threads")
+    dit, dit_step, enc_step = make_steps(cfg, batch, tokens, g0, device)
+    # alternate the two models and keep each one's best round: fair on a shared, noisy machine
+    best = {"VideoDiT": math.inf, "nn.TransformerEncoder": math.inf}
+    for _ in range(rounds):
+        best["VideoDiT"] = min(best["VideoDiT"], timed(dit_step, iters))
+        best["nn.TransformerEncoder"] = min(best["nn.TransformerEncoder"], timed(enc_step, iters))
+    for name, sec in best.items():
+        print(f"  {name:22s} {batch * tokens / sec:12,.0f} train tokens/s  ({1e3 * sec:8.1f} ms/step)")
+    print(f"  ratio VideoDiT / TransformerEncoder: {best['nn.TransformerEncoder'] / best['VideoDiT']:.2f}x"
+          f" (goal on CPU >= 0.80x)")
+    if device == "cuda":
+        paper_gpu_figures()
+
+
+PEAK_BF16_TFLOPS = {"H200": 989, "H100": 989, "A100": 312, "L40S": 362, "4090": 165, "3090": 71}
+
+
+def paper_gpu_figures(batch=48, iters=5):
+    """The paper-size DiT-B at 3840 tokens, batch 48, bf16: step time, peak memory, model-FLOPs utilisation."""
+    cfg = dit_config("paper")
+    tokens, g0 = BENCH["paper"]
+    name = torch.cuda.get_device_name()
+    torch.cuda.reset_peak_memory_stats()
+    try:
+        _, dit_step, _ = make_steps(cfg, batch, tokens, g0, "cuda")
+        sec = timed(dit_step, iters)
+    except torch.cuda.OutOfMemoryError:
+        print(f"paper DiT-B, batch {batch} x {tokens} tokens: out of memory on {name} "
+              f"(the paper trains this on 141 GB H200s)")
+        return
+    peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+    mfu = f"{100 * train_flops(cfg, batch, tokens) / sec / (peak * 1e12):.1f}%" if peak else "n/a (unknown GPU peak)"
+    print(f"paper DiT-B on {name}, bf16, batch {batch} x {tokens} tokens: {1e3 * sec:.0f} ms/step, "
+          f"peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB, MFU {mfu}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="diffusion.py: video DiT utilities")
+    parser.add_argument("command", choices=["bench"])
+    parser.add_argument("--preset", choices=list(BENCH), default="tiny")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch", type=int, default=None, help="default: 16 (tiny), 4 (toy), 48 (paper on CUDA)")
+    parser.add_argument("--iters", type=int, default=5)
+    args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("bench: --device cuda requested but CUDA is not available; skipping (use --device cpu)")
+        raise SystemExit(0)
+    default_batch = {"tiny": 16, "toy": 4, "paper": 48 if args.device == "cuda" else 1}[args.preset]
+    bench(args.preset, args.device, args.batch or default_batch, args.iters)

@@ -1,0 +1,283 @@
+"""Tests for diffusion.py: parameter counts (App. A.2), schedule identities, exact DDIM, invariances,
+the DENOISED-only loss, CFG dropout, and overfitting one sequence for each kind of rollout step.
+Steps and their token layouts come from rollout.py."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import diffusion as d
+import rollout
+from diffusion import CONTEXT, DENOISED
+
+TINY = d.dit_config("tiny")                            # C 8, 3 levels, level-0 grid 4x4
+TINY_DENSE = d.dit_config("tiny", dense_framepack=True)
+GRIDS = [(4, 4), (2, 2), (1, 1)]
+
+
+def layout(step, dense=False):
+    return {k: torch.from_numpy(v) for k, v in rollout.step_layout(step.selection, GRIDS, dense).items()}
+
+
+def millivid_step():
+    """Tiny MilliVid (W = [1, 4, 16], extra 16, chunk 37), its first step (target level 2). By hand from
+    rollout.md: L0 context frame 20; L1 context 16-19; L2 context 0-15 (extra) and denoised 21-36."""
+    step = rollout.millivid_steps([1, 4, 16], extra_budget=16, tokens_per_frame=16)[0]
+    assert [np.flatnonzero(sel).tolist() for sel in step.selection] == [
+        [20], [16, 17, 18, 19], list(range(16)) + list(range(21, 37))]
+    return layout(step)  # 16 + 16 + 32 = 64 tokens
+
+
+def fullres_step():
+    """Full-resolution rollout n = 4: 2 context + 2 denoised level-0 frames (64 tokens)."""
+    return layout(rollout.baseline_steps(4)[0])
+
+
+def framepack_step():
+    """Dense FramePack d = 1, K = [1, 4, 16]: group 2 frames 0-15, group 1 frames 16-19, group 0 frame 20
+    as context, frame 21 denoised. 22 x 16 = 352 raw level-0 tokens, 16 + 16 + 32 = 64 after packing."""
+    return layout(rollout.framepack_steps(1, [1, 4, 16])[0], dense=True)
+
+
+def randomized(cfg, seed=0):
+    """A model with every weight random (no zeroed adaLN / output), so outputs depend on everything."""
+    torch.manual_seed(seed)
+    model = d.VideoDiT(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.3)
+    return model
+
+
+def call(model, x, step, action, t=None, **shift):
+    t = torch.rand(x.shape[:2], generator=torch.Generator().manual_seed(1)) if t is None else t
+    frame = step["frame"] + shift.get("frame", 0)
+    return model(x, t, frame, step["level"], step["row"], step["col"], action)
+
+
+# ---------------------------------------------------------------------------------------------------
+
+def test_parameter_counts_match_paper():
+    with torch.device("meta"):
+        dit = d.VideoDiT(d.dit_config("paper"))
+        dense = d.VideoDiT(d.dit_config("paper", dense_framepack=True))
+    n_dit = sum(p.numel() for p in dit.parameters())
+    n_dense = sum(p.numel() for p in dense.parameters())
+    assert abs(n_dit / 129.6e6 - 1) < 0.01, n_dit      # DiT-B, App. A.2
+    assert abs(n_dense / 131.6e6 - 1) < 0.01, n_dense  # FramePack baseline
+    # the only difference: Linear(C 4^k -> D) for k = 1, 2, 3 on top of the shared k = 0 embedding
+    assert n_dense - n_dit == 32 * (4 + 16 + 64) * 768 + 3 * 768
+
+
+def test_config_presets_and_strict_overrides():
+    assert (d.DiTConfig().depth, d.DiTConfig().width, d.DiTConfig().heads, d.DiTConfig().channels) == (12, 768, 12, 32)
+    assert (d.dit_config("toy").channels, d.dit_config("toy").levels) == (16, 4)
+    assert d.dit_config("toy").width % 6 == 0 and (TINY.channels, TINY.levels) == (8, 3)
+    assert d.dit_config("tiny", depth=3).depth == 3
+    with pytest.raises(ValueError, match="widht"):
+        d.dit_config("tiny", widht=64)
+    with pytest.raises(ValueError, match="preset"):
+        d.dit_config("huge")
+
+
+def test_schedule_identities():
+    t = torch.linspace(0, 1, 101, dtype=torch.float64)
+    alpha, sigma = d.alpha_sigma(t)
+    assert torch.allclose(alpha ** 2 + sigma ** 2, torch.ones_like(t), atol=1e-12, rtol=0)
+    lam = d.logsnr(t)
+    assert lam[0].item() == pytest.approx(15.0, abs=1e-9) and lam[-1].item() == pytest.approx(-15.0, abs=1e-9)
+    # u_min + u_max = pi/2, so t = 1/2 is u = pi/4: logSNR 0, alpha = sigma = sqrt(1/2)
+    assert lam[50].item() == pytest.approx(0.0, abs=1e-12) and alpha[50].item() == pytest.approx(math.sqrt(0.5))
+    assert (lam[1:] < lam[:-1]).all()  # monotone: more noise as t grows
+    for s in (0.25, 2.0, 4.0):  # shift moves logSNR by 2 ln s everywhere
+        assert torch.allclose(d.logsnr(t, shift=s) - lam, torch.full_like(t, 2 * math.log(s)), atol=1e-12)
+    a32, s32 = d.alpha_sigma(t.float())
+    assert torch.allclose(a32 ** 2 + s32 ** 2, torch.ones(101), atol=1e-6)
+
+
+def oracle(x0):
+    """A 'model' that returns the true v for the clean x0: v = (alpha x_t - x0) / sigma (from x_t = alpha x0
+    + sigma eps and v = alpha eps - sigma x0, with alpha^2 + sigma^2 = 1)."""
+    def model(x_t, t, frame, level, row, col, action):
+        alpha, sigma = (a[..., None] for a in d.alpha_sigma(t.to(x_t.dtype)))
+        return (alpha * x_t - x0) / sigma
+    return model
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 2e-5)])
+@pytest.mark.parametrize("steps", [1, 50])
+@pytest.mark.parametrize("cfg_scale", [1.0, 2.5])  # with an oracle both CFG passes give the true v
+def test_sampler_is_exact_with_true_v(dtype, tol, steps, cfg_scale):
+    step = millivid_step()
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(2, 64, TINY.channels, generator=g, dtype=dtype)
+    buffer = torch.where((step["role"] == DENOISED)[:, None], 100.0, x0)  # DENOISED content is ignored
+    action = torch.randint(0, 3, (2, 64), generator=g)
+    out = d.ddim_sample(oracle(x0), buffer, step["role"], step["frame"], step["level"], step["row"], step["col"],
+                        action, steps=steps, cfg_scale=cfg_scale, generator=g)
+    assert (out - x0).abs().max().item() < tol
+
+
+def test_sampler_time_grid_and_cfg_pass():
+    step, calls = millivid_step(), []
+
+    def recorder(x_t, t, frame, level, row, col, action):
+        calls.append((t.clone(), action.clone()))
+        return torch.zeros_like(x_t)
+
+    context, denoised = step["role"] == CONTEXT, step["role"] == DENOISED
+    action = torch.ones(1, 64, dtype=torch.long)
+    x = torch.randn(1, 64, TINY.channels)
+    d.ddim_sample(recorder, x, step["role"], step["frame"], step["level"], step["row"], step["col"], action, steps=4)
+    assert [c[0][0, denoised].unique().tolist() for c in calls] == [[1.0], [0.75], [0.5], [0.25]]
+    assert all((c[0][0, context] == 0).all() and (c[1] == 1).all() for c in calls)
+    calls.clear()
+    d.ddim_sample(recorder, x, step["role"], step["frame"], step["level"], step["row"], step["col"], action,
+                  steps=4, cfg_scale=1.5)
+    uncond = calls[1::2]  # conditional, then unconditional pass at every time
+    assert len(calls) == 8 and all((c[0][0, context] == 1).all() and (c[1] == -1).all() for c in uncond)
+
+
+def test_ddim_step_is_a_rotation():
+    """With alpha = cos(phi), sigma = sin(phi), one DDIM step from t to t' is
+    x_t' = cos(phi - phi') x_t - sin(phi - phi') v (Salimans & Ho 2022): check it against the model inputs,
+    for a stand-in model that always returns the same v = V."""
+    step, inputs = millivid_step(), []
+    g = torch.Generator().manual_seed(0)
+    V = torch.randn(1, 64, TINY.channels, generator=g, dtype=torch.float64)
+
+    def constant(x_t, t, frame, level, row, col, action):
+        inputs.append(x_t.clone())
+        return V
+
+    x = torch.randn(1, 64, TINY.channels, generator=g, dtype=torch.float64)
+    out = d.ddim_sample(constant, x, step["role"], step["frame"], step["level"], step["row"], step["col"],
+                        torch.zeros(64, dtype=torch.long), steps=5, generator=g)
+    alpha, sigma = d.alpha_sigma(torch.linspace(1, 0, 6, dtype=torch.float64))
+    phi = torch.atan2(sigma, alpha)
+    denoised = step["role"] == DENOISED
+    for i in range(4):
+        expected = torch.cos(phi[i] - phi[i + 1]) * inputs[i] - torch.sin(phi[i] - phi[i + 1]) * V
+        assert torch.allclose(inputs[i + 1][:, denoised], expected[:, denoised], atol=1e-12)
+    # the result is the last clean estimate x = alpha x_t - sigma v, at the last evaluated time t = 1/5
+    assert torch.allclose(out[:, denoised], (alpha[4] * inputs[4] - sigma[4] * V)[:, denoised], atol=1e-12)
+
+
+def test_sampler_leaves_context_untouched():
+    step, model = millivid_step(), randomized(TINY)
+    x = torch.randn(2, 64, TINY.channels)
+    action = torch.randint(0, 3, (2, 64))
+    for scale in (1.0, 2.0):
+        out = d.ddim_sample(model, x, step["role"], step["frame"], step["level"], step["row"], step["col"], action,
+                            steps=3, cfg_scale=scale, generator=torch.Generator().manual_seed(0))
+        context = step["role"] == CONTEXT
+        assert torch.equal(out[:, context], x[:, context])
+        assert not torch.allclose(out[:, ~context], x[:, ~context])
+
+
+@pytest.mark.parametrize("cfg,step", [(TINY, millivid_step), (TINY_DENSE, framepack_step)])
+def test_output_is_zero_at_init(cfg, step):
+    step = step()
+    x = torch.randn(2, len(step["frame"]), cfg.channels)
+    v = call(d.VideoDiT(cfg), x, step, torch.randint(-1, 3, (2, len(step["frame"]))))
+    assert v.shape == x.shape and torch.equal(v, torch.zeros_like(v))
+
+
+@pytest.mark.parametrize("cfg,step", [(TINY, millivid_step), (TINY_DENSE, framepack_step)])
+def test_frame_shift_invariance(cfg, step):
+    step, model = step(), randomized(cfg)
+    T = len(step["frame"])
+    x = torch.randn(2, T, cfg.channels)
+    action = torch.randint(-1, 3, (2, T))
+    with torch.no_grad():
+        v = call(model, x, step, action)
+        assert v.abs().mean() > 0.1
+        assert torch.allclose(call(model, x, step, action, frame=1000), v, atol=1e-6)
+        # control: positions do matter, so the check above could fail
+        stretched = dict(step, frame=2 * step["frame"])
+        assert not torch.allclose(call(model, x, stretched, action), v, atol=1e-3)
+
+
+def test_space_to_depth_by_hand():
+    a = torch.arange(16.0).view(1, 16, 1)  # one 4x4 frame, value = 4 row + col
+    packed = d.space_to_depth(a, frames=1, h=4, w=4, p=2)
+    assert packed.squeeze(0).tolist() == [[0, 1, 4, 5], [2, 3, 6, 7], [8, 9, 12, 13], [10, 11, 14, 15]]
+
+
+def test_dense_framepack_uses_packed_context_and_predicts_only_group_0():
+    step, model = framepack_step(), randomized(TINY_DENSE)
+    x = torch.randn(1, 352, TINY.channels)
+    action = torch.zeros(1, 352, dtype=torch.long)
+    with torch.no_grad():
+        v = call(model, x, step, action)
+        group0 = step["level"] == 0
+        assert torch.equal(v[:, ~group0], torch.zeros_like(v[:, ~group0])) and v[:, group0].abs().min() > 0
+        for i, k in ((40, 1), (300, 2)):  # level-major layout: group 0 is tokens 0-31, 1 is 32-95, 2 is 96-351
+            x2 = x.clone()
+            x2[0, i] += 1.0
+            assert step["level"][i] == k and not torch.allclose(call(model, x2, step, action)[:, group0], v[:, group0])
+        with pytest.raises(ValueError, match="level-major"):
+            call(model, x, {k: val.flip(0) for k, val in step.items()}, action)
+
+
+def test_loss_counts_only_denoised_tokens():
+    step = millivid_step()
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(2, 64, TINY.channels, generator=g, dtype=torch.float64)
+    denoised = step["role"] == DENOISED
+    delta = 0.5
+
+    def model(x_t, t, frame, level, row, col, action):
+        v = oracle(x0)(x_t, t, frame, level, row, col, action)
+        v = torch.where(denoised[:, None], v, 1e3)  # garbage on every CONTEXT token
+        v[0, int(denoised.nonzero()[0]), 0] += delta  # one error on one DENOISED channel
+        return v
+
+    args = (x0, step["role"], step["frame"], step["level"], step["row"], step["col"], torch.zeros(64, dtype=torch.long))
+    for drop in (0.0, 1.0):
+        value = d.loss(model, *args, cfg_drop=drop, generator=torch.Generator().manual_seed(1)).item()
+        # mean over the C channels of one token, then over the 2 x 32 DENOISED tokens
+        assert value == pytest.approx(delta ** 2 / TINY.channels / (2 * int(denoised.sum())), rel=1e-9)
+
+
+@pytest.mark.parametrize("dense", [False, True])
+def test_loss_times_and_cfg_dropout(dense):
+    step, seen = millivid_step(), {}
+
+    def recorder(x_t, t, frame, level, row, col, action):
+        seen.update(t=t, action=action)
+        return torch.zeros_like(x_t)
+    recorder.cfg = d.dit_config("tiny", dense_framepack=dense)
+
+    context, denoised = step["role"] == CONTEXT, step["role"] == DENOISED
+    x = torch.randn(4, 64, TINY.channels)
+    action = torch.full((4, 64), 2)
+    args = (x, step["role"], step["frame"], step["level"], step["row"], step["col"], action)
+    d.loss(recorder, *args, cfg_drop=0.0, generator=torch.Generator().manual_seed(0))
+    t = seen["t"][:, denoised]
+    assert (seen["t"][:, context] == 0).all() and (seen["action"] == 2).all()
+    assert (t == t[:, :1]).all() and len(t[:, 0].unique()) == 4  # one t per sample, shared by its tokens
+    d.loss(recorder, *args, cfg_drop=1.0, generator=torch.Generator().manual_seed(0))
+    assert (seen["t"][:, context] == 1).all() and (seen["t"][:, denoised] == t).all()
+    assert (seen["action"] == (2 if dense else -1)).all()  # the dense FramePack model keeps its actions
+
+
+@pytest.mark.parametrize("cfg,step", [(TINY, millivid_step), (TINY, fullres_step), (TINY_DENSE, framepack_step)])
+def test_overfits_one_sequence(cfg, step):
+    """One fixed training batch (tokens, t, eps: the generator is re-seeded every iteration) is fitted."""
+    step = step()
+    torch.manual_seed(0)
+    model = d.VideoDiT(cfg)
+    x = torch.randn(1, len(step["frame"]), cfg.channels).expand(4, -1, -1)  # one sequence, 4 noise levels
+    action = torch.randint(0, 3, (len(step["frame"]),))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    losses = []
+    for _ in range(60):
+        value = d.loss(model, x, step["role"], step["frame"], step["level"], step["row"], step["col"], action,
+                       cfg_drop=0.0, generator=torch.Generator().manual_seed(0))
+        opt.zero_grad()
+        value.backward()
+        opt.step()
+        losses.append(value.item())
+    assert losses[-1] < losses[0] / 10, losses[::10]
