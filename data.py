@@ -43,7 +43,7 @@ class MazeConfig:
     pool: int = 10             # test videos are the farthest-travelled 1/pool of pool·test_videos (10,000 -> 1,000)
     fov: float = 70.0          # horizontal = vertical field of view, degrees (Minecraft's default 70)
     seed: int = 0
-    workers: int = 2
+    workers: int = os.cpu_count() or 1   # generation processes (the bytes do not depend on it)
 
 
 PRESETS = {"paper": {},
@@ -119,14 +119,11 @@ def make_world(rng: np.random.Generator, n: int, density: float) -> np.ndarray:
     """An (n, n) uint8 world: a border wall in runs of colours (a landmark from anywhere) and scattered
     blocks and wall segments, each of one type. Open space everywhere, so every region is a loop and
     the walk (which ignores the world, like Loopcraft's) rarely bumps."""
-    w = np.zeros((n, n), np.uint8)
-    ring = [(0, j) for j in range(n - 1)] + [(i, n - 1) for i in range(n - 1)] + \
-           [(n - 1, j) for j in range(n - 1, 0, -1)] + [(i, 0) for i in range(n - 1, 0, -1)]
-    t = 0
-    while t < len(ring):                            # border runs of 2..5 cells
-        run = int(rng.integers(2, 6))
-        w[tuple(np.array(ring[t:t + run]).T)] = rng.integers(1, 9)
-        t += run
+    w = np.ones((n, n), np.uint8)
+    w[1:-1, 1:-1] = 0
+    ring = np.argwhere(w)                           # border cells, ordered around the centre below
+    ring = ring[np.argsort(np.arctan2(*(ring - (n - 1) / 2).T), kind="stable")]
+    w[tuple(ring.T)] = np.repeat(rng.integers(1, 9, len(ring)), rng.integers(2, 6, len(ring)))[:len(ring)]
     for _ in range(round(density * (n - 2) ** 2 / 2.5)):      # structures cover 2.5 cells on average
         if rng.random() < 0.5:                      # block, 1-2 x 1-2
             h, l = rng.integers(1, 3, 2)
@@ -141,9 +138,9 @@ def start_state(rng: np.random.Generator, world: np.ndarray) -> tuple[int, int, 
     """(x, y, yaw): the centre of a random floor cell in the middle half whose 4 neighbours are free."""
     n = len(world)
     y, x = np.mgrid[:n, :n]
-    pad = np.pad(world == 0, 1)
-    ok = pad[1:-1, 1:-1] & pad[:-2, 1:-1] & pad[2:, 1:-1] & pad[1:-1, :-2] & pad[1:-1, 2:]
-    ok &= (abs(x - n / 2) < n / 4) & (abs(y - n / 2) < n / 4)
+    free = world == 0
+    ok = free & (abs(x - n / 2) < n / 4) & (abs(y - n / 2) < n / 4)
+    ok[1:-1, 1:-1] &= free[:-2, 1:-1] & free[2:, 1:-1] & free[1:-1, :-2] & free[1:-1, 2:]
     cells = np.argwhere(ok)
     if len(cells) == 0:
         raise ValueError("world has no free cell to start in")
@@ -181,8 +178,7 @@ def chamfer(xy: np.ndarray, context: int) -> np.ndarray:
     mean nearest-neighbour Euclidean distance in both directions, summed."""
     a, b = xy[:, :context].astype(np.float64), xy[:, context:].astype(np.float64)
     # |a - b|² = |a|² + |b|² - 2 a·b, one (n, C, F - C) array instead of (n, C, F - C, 2)
-    d2 = (a ** 2).sum(-1)[:, :, None] + (b ** 2).sum(-1)[:, None, :] - 2 * a @ b.transpose(0, 2, 1)
-    d2 = np.maximum(d2, 0)
+    d2 = np.maximum((a ** 2).sum(-1)[:, :, None] + (b ** 2).sum(-1)[:, None, :] - 2 * a @ b.transpose(0, 2, 1), 0)
     return np.sqrt(d2.min(2)).mean(1) + np.sqrt(d2.min(1)).mean(1)
 
 
@@ -246,17 +242,13 @@ def render(world: np.ndarray, poses: np.ndarray, size: int, fov: float = 70.0) -
     yc = (np.arange(size, dtype=np.float32) + 0.5 - size / 2)
     v = (WALL - EYE) + yc[None, :, None] * (dist * 2 * f / size).astype(np.float32).reshape(n, 1, size)
     inwall = (v >= 0) & (v < WALL)                                   # (n, size, size)
-    texel = base.reshape(n, 1, size).astype(np.int32) + ((v * TEX).astype(np.int32) & (TEX - 1)) * TEX
-    rows = (8 * 2 * TEX * TEX + np.arange(size, dtype=np.int32))[None, :, None]
-    return _lut(size)[np.where(inwall, texel, rows)]
+    texel = base.reshape(n, 1, size).astype(np.int16) + ((v * TEX).astype(np.int16) & (TEX - 1)) * TEX
+    rows = (8 * 2 * TEX * TEX + np.arange(size, dtype=np.int16))[None, :, None]
+    return np.take(_lut(size), np.where(inwall, texel, rows), axis=0)  # 4x faster than lut[index] here
 
 
 # ---------------------------------------------------------------------------------------------------
 # Frame store: DIR/KEY.frames = uint64 offsets[frames + 1] then one PNG per frame; DIR/KEY.npy poses
-
-def video_key(i: int) -> str:
-    return f"{i // 1000:03d}/{i % 1000:03d}"
-
 
 def _atomic_write(path: str, write) -> None:
     """write(file) to a temporary name beside `path`, then rename: a killed job leaves no valid-looking file."""
@@ -279,9 +271,7 @@ def encode_png(frame: np.ndarray) -> bytes:
     """A minimal RGB PNG (filter 0, zlib level 1): 4x faster than PIL's encoder; any PNG reader decodes it."""
     h, w, _ = frame.shape
     raw = np.concatenate([np.zeros((h, 1), np.uint8), frame.reshape(h, w * 3)], 1)   # filter byte per row
-
-    def chunk(tag: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + tag + body + struct.pack(">I", zlib.crc32(tag + body))
+    chunk = lambda tag, body: struct.pack(">I", len(body)) + tag + body + struct.pack(">I", zlib.crc32(tag + body))
     return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
             + chunk(b"IDAT", zlib.compress(raw.tobytes(), 1)) + chunk(b"IEND", b""))
 
@@ -342,6 +332,14 @@ def split_keys(keys, holdout: float = 0.01, seed: int = 0) -> tuple[list[str], l
     return ([k for i, k in enumerate(keys) if i not in held], [k for i, k in enumerate(keys) if i in held])
 
 
+def _locate(ends: np.ndarray, i: int) -> tuple[int, int]:
+    """Item i -> (video, item within it), given the cumulative item counts `ends` of the videos."""
+    if not 0 <= i < (ends[-1] if len(ends) else 0):
+        raise IndexError(f"item {i} outside the dataset")
+    v = int(np.searchsorted(ends, i, side="right"))
+    return v, i - (int(ends[v - 1]) if v else 0)
+
+
 class FrameDataset(torch.utils.data.Dataset):
     """Every (video, frame) of a frame store; item = float32 (3, H, W) in [0, 1]. Deterministic."""
     def __init__(self, root: str, keys=None):
@@ -353,8 +351,7 @@ class FrameDataset(torch.utils.data.Dataset):
         return int(self.ends[-1]) if len(self.keys) else 0
 
     def __getitem__(self, i):
-        v = int(np.searchsorted(self.ends, i, side="right"))
-        f = i - (int(self.ends[v - 1]) if v else 0)
+        v, f = _locate(self.ends, i)
         frame = read_frames(self.root, self.keys[v], f, f + 1)[0]
         return torch.from_numpy(frame).permute(2, 0, 1).float() / 255  # (3, H, W)
 
@@ -363,9 +360,18 @@ class FrameDataset(torch.utils.data.Dataset):
 # Latent store (written by train.py --stage encode): DIR/KEY/l{level}.npy float16 (frames, T_l, C)
 
 def write_latents(root: str, key: str, levels: list[np.ndarray], actions: np.ndarray) -> None:
+    done = os.path.join(root, key, "actions.npy")
+    if os.path.exists(done):                        # rewriting: unmark first
+        os.remove(done)
     for level, z in enumerate(levels):
         _save_npy(os.path.join(root, key, f"l{level}.npy"), np.asarray(z, np.float16))
-    _save_npy(os.path.join(root, key, "actions.npy"), np.asarray(actions, np.float32))  # last: marks done
+    _save_npy(done, np.asarray(actions, np.float32))  # written last: marks the key complete
+
+
+def has_latents(root: str, key: str, levels: int) -> bool:
+    """Whether write_latents finished for `key` (actions.npy is written last), so encoding can resume."""
+    names = [f"l{l}.npy" for l in range(levels)] + ["actions.npy"]
+    return all(os.path.exists(os.path.join(root, key, n)) for n in names)
 
 
 def read_latents(root: str, key: str, level: int, start: int, stop: int) -> np.ndarray:
@@ -385,8 +391,8 @@ class ChunkDataset(torch.utils.data.Dataset):
         return int(self.ends[-1]) if len(self.keys) else 0
 
     def __getitem__(self, i):
-        v = int(np.searchsorted(self.ends, i, side="right"))
-        key, start = self.keys[v], i - (int(self.ends[v - 1]) if v else 0)
+        v, start = _locate(self.ends, i)
+        key = self.keys[v]
         latents = [torch.from_numpy(read_latents(self.root, key, l, start, start + self.N).astype(np.float32))
                    for l in self.levels]                                          # (N, T_l, C) each
         act = np.load(os.path.join(self.root, key, "actions.npy"), mmap_mode="r")[start:start + self.N, 0]
@@ -438,14 +444,12 @@ def make_maze(out: str, cfg: MazeConfig, split: str = "train") -> dict:
     if split == "test":
         far = np.argsort([-path_stats(p)["distance"] for _, p, _ in plans], kind="stable")[:n]
         plans = [plans[i] for i in sorted(far)]
-    keys = [video_key(i) for i in range(n)]
+    keys = [f"{i // 1000:03d}/{i % 1000:03d}" for i in range(n)]    # Loopcraft's key of video i
     _map(_write_video, [(out, k, cfg, w, p) for k, (w, p, _) in zip(keys, plans)], cfg.workers)
-    stats = [path_stats(p) for _, p, _ in plans]
+    stats = {s: float(np.mean([path_stats(p)[s] for _, p, _ in plans])) for s in ("forward", "moved")}
     meta = dict(source="maze", size=cfg.size, fps=20, split=split, context=cfg.context,
                 config={k: v for k, v in asdict(cfg).items() if k != "workers"},   # bytes independent of workers
-                chamfer=float(np.mean([c for _, _, c in plans])),
-                forward=float(np.mean([s["forward"] for s in stats])),
-                moved=float(np.mean([s["moved"] for s in stats])))
+                chamfer=float(np.mean([c for _, _, c in plans])), **stats)
     _write_json(os.path.join(out, "meta.json"), meta)
     _write_json(os.path.join(out, "index.json"), {k: cfg.frames for k in keys})
     return meta
@@ -460,12 +464,10 @@ def _prepare_one(src: str, dst: str, key: str, count: int) -> tuple[int, int]:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path}: missing (listed in {src}/index.json)")
     poses = np.load(npy)
-    if poses.ndim != 2 or poses.shape[1] != 6:
-        raise ValueError(f"{npy}: expected shape (frames, 6), got {poses.shape}")
-    if len(poses) != count:
-        raise ValueError(f"{npy}: {len(poses)} frames but index.json says {count}")
-    if not np.all(np.isin(poses[:, 0], (FORWARD, LEFT, RIGHT))):
-        bad = np.unique(poses[:, 0][~np.isin(poses[:, 0], (FORWARD, LEFT, RIGHT))])
+    if poses.shape != (count, 6):                   # frames as index.json says, 6 pose values each
+        raise ValueError(f"{npy}: expected shape ({count}, 6) = (frames in index.json, 6), got {poses.shape}")
+    bad = sorted(set(np.unique(poses[:, 0]).tolist()) - {FORWARD, LEFT, RIGHT})
+    if bad:
         raise ValueError(f"{npy}: action ids must be 0 (forward), 1 (left) or 2 (right), found {bad[:5]}")
     import imageio_ffmpeg
     try:
@@ -476,8 +478,8 @@ def _prepare_one(src: str, dst: str, key: str, count: int) -> tuple[int, int]:
     frames = (np.frombuffer(b, np.uint8).reshape(h, w, 3) for b in reader)
     try:
         write_frames(os.path.join(dst, f"{key}.frames"), frames, count)
-    except ValueError as e:
-        raise ValueError(f"{mp4}: video and index.json disagree ({e})") from None
+    except (ValueError, RuntimeError, OSError) as e:  # wrong frame count, or ffmpeg failing mid-stream
+        raise ValueError(f"{mp4}: bad video ({e})") from None
     _save_npy(os.path.join(dst, f"{key}.npy"), poses.astype(np.float32))
     return w, h
 
@@ -511,8 +513,8 @@ def draw_map(world: np.ndarray | None, poses: np.ndarray, split: int, size: int)
         img = Image.fromarray(PALETTE[world[::-1]]).resize((size, size), Image.NEAREST)
     else:
         xy = poses[:, [1, 3]].astype(np.float64)
-        lo, hi = xy.min(0) - 2, xy.max(0) + 2
-        lo, hi = (lo + hi) / 2 - (hi - lo).max() / 2, (lo + hi) / 2 + (hi - lo).max() / 2
+        mid, half = (xy.min(0) + xy.max(0)) / 2, (xy.max(0) - xy.min(0)).max() / 2 + 2
+        lo, hi = mid - half, mid + half
         img = Image.new("RGB", (size, size), (40, 40, 40))
     pix = (xy - lo) / (hi - lo) * size
     pix[:, 1] = size - pix[:, 1]                    # map y up -> image rows down
@@ -530,82 +532,67 @@ def show(root: str, key: str, out: str, side: int = 256) -> None:
     """The video next to the map (PNG: 8 moments; GIF/MP4: every frame)."""
     frames, poses, world = read_frames(root, key), read_actions(root, key), load_world(root, key)
     with open(os.path.join(root, "meta.json")) as fh:
-        split = json.load(fh).get("context", 256)
+        split = json.load(fh).get("context", 256)           # where the map's path changes colour
 
     def panel(t):
         view = np.asarray(Image.fromarray(frames[t]).resize((side, side), Image.NEAREST))
         return np.concatenate([view, draw_map(world, poses[:t + 1], split, side)], 1)  # (side, 2·side, 3)
     if out.lower().endswith(".png"):
         times = np.linspace(0, len(frames) - 1, 8).round().astype(int)
-        Image.fromarray(np.concatenate([panel(t) for t in times], 0)).save(out)
-    elif out.lower().endswith(".gif"):
-        images = [Image.fromarray(panel(t)) for t in range(len(frames))]
-        images[0].save(out, save_all=True, append_images=images[1:], duration=50, loop=0)
-    else:
-        import imageio
-        imageio.mimwrite(out, [panel(t) for t in range(len(frames))], fps=20, codec="libx264",
-                         pixelformat="yuv420p", macro_block_size=16)
+        return Image.fromarray(np.concatenate([panel(t) for t in times], 0)).save(out)
+    import imageio                                  # 20 fps: GIF frames last 50 ms
+    speed = dict(duration=50, loop=0) if out.lower().endswith(".gif") else dict(fps=20)
+    imageio.v2.mimwrite(out, [panel(t) for t in range(len(frames))], **speed)
 
 
 def bench(cfg: MazeConfig) -> None:
     """Print rendering frames/s on one core, end-to-end generation throughput, random frame reads/s."""
-    plans = [_plan(cfg, "train", i) for i in range(4)]
-    render(*plans[0][:2], cfg.size, cfg.fov)
-    t = time.perf_counter()
+    plans = [_plan(cfg, "train", i) for i in range(4)] * 3
+    t, c = time.perf_counter(), time.process_time()  # CPU time too: the machine may be shared
     n = sum(len(render(w, p, cfg.size, cfg.fov)) for w, p, _ in plans)
-    print(f"render {cfg.size}x{cfg.size}: {n / (time.perf_counter() - t):,.0f} frames/s on one core")
+    print(f"render {cfg.size}x{cfg.size}: {n / (time.process_time() - c):,.0f} frames per CPU-second, "
+          f"{n / (time.perf_counter() - t):,.0f} frames/s wall, one core")
     with tempfile.TemporaryDirectory() as tmp:
-        for split, count in (("train", 4 * cfg.workers * 8), ("test", 2 * cfg.workers)):
-            small = replace(cfg, videos=count, test_videos=count)
-            t = time.perf_counter()
-            make_maze(os.path.join(tmp, split), small, split)
+        for split, total in (("train", cfg.videos), ("test", cfg.test_videos)):
+            count, t = max(2 * cfg.workers, total // 10), time.perf_counter()
+            make_maze(os.path.join(tmp, split), replace(cfg, videos=count, test_videos=count), split)
             dt = (time.perf_counter() - t) / count
-            total = cfg.videos if split == "train" else cfg.test_videos
-            print(f"generate {split}: {count * cfg.frames / dt / count:,.0f} frames/s with {cfg.workers} "
-                  f"workers ({dt:.3f} s/video; {total} videos -> {total * dt / 60:.1f} min extrapolated)")
-        data = FrameDataset(os.path.join(tmp, "train"))
-        idx = np.random.default_rng(0).integers(len(data), size=2000)
-        t = time.perf_counter()
-        for i in idx:
-            data[int(i)]
-        print(f"random single-frame reads: {len(idx) / (time.perf_counter() - t):,.0f} frames/s")
+            print(f"generate {split}: {cfg.frames / dt:,.0f} frames/s, {cfg.workers} workers, writing included "
+                  f"({count} videos; all {total} would take {total * dt / 60:.1f} min)")
+        frames, t = FrameDataset(os.path.join(tmp, "train")), time.perf_counter()
+        for i in np.random.default_rng(0).integers(len(frames), size=2000):
+            frames[int(i)]
+        print(f"random single-frame reads (FrameDataset items): {2000 / (time.perf_counter() - t):,.0f}/s")
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
-    m = sub.add_parser("maze", help="generate a maze frame store")
-    m.add_argument("--out", required=True)
-    m.add_argument("--split", choices=["train", "test"], default="train")
-    b = sub.add_parser("bench", help="print throughput figures")
-    for q in (m, b):
-        q.add_argument("--preset", choices=sorted(PRESETS), default="toy")
-        q.add_argument("--videos", type=int, help="videos in the chosen split")
-        for f in fields(MazeConfig):
-            if f.name not in ("videos", "test_videos"):
-                q.add_argument(f"--{f.name}", type=type(MazeConfig.__dataclass_fields__[f.name].default))
     pr = sub.add_parser("prepare", help="released Loopcraft layout -> frame store")
     pr.add_argument("src"), pr.add_argument("dst"), pr.add_argument("--workers", type=int, default=2)
-    s = sub.add_parser("show", help="video next to its top-down map")
+    s = sub.add_parser("show", help="video next to its top-down map (.png, .gif or .mp4)")
     s.add_argument("root"), s.add_argument("key"), s.add_argument("--out", required=True)
+    for q in sub.add_parser("maze", help="generate a maze frame store"), sub.add_parser("bench"):
+        q.add_argument("--out"), q.add_argument("--split", choices=["train", "test"], default="train")
+        q.add_argument("--preset", choices=sorted(PRESETS), default="toy")
+        for f in fields(MazeConfig):                # --videos counts the chosen split's videos
+            q.add_argument(f"--{f.name}", type=type(getattr(MazeConfig, f.name)))
     a = p.parse_args(argv)
-    if a.cmd in ("maze", "bench"):
-        over = {f.name: getattr(a, f.name) for f in fields(MazeConfig) if getattr(a, f.name, None) is not None}
-        if a.videos is not None:
-            over["test_videos" if getattr(a, "split", "train") == "test" else "videos"] = a.videos
-        cfg = maze_config(a.preset, **over)
-        print(cfg)
-        if a.cmd == "bench":
-            bench(cfg)
-        else:
-            t = time.perf_counter()
-            meta = make_maze(a.out, cfg, a.split)
-            print(f"wrote {a.out} in {time.perf_counter() - t:.1f} s: mean Chamfer {meta['chamfer']:.2f} cells, "
-                  f"forward {meta['forward']:.3f}, moving on {meta['moved']:.3f} of forward frames")
-    elif a.cmd == "prepare":
-        print(f"prepared {len(prepare(a.src, a.dst, a.workers))} videos into {a.dst}")
-    else:
-        show(a.root, a.key, a.out)
+    if a.cmd == "prepare":
+        return print(f"prepared {len(prepare(a.src, a.dst, a.workers))} videos into {a.dst}")
+    if a.cmd == "show":
+        return show(a.root, a.key, a.out)
+    over = {f.name: getattr(a, f.name) for f in fields(MazeConfig) if getattr(a, f.name) is not None}
+    if a.split == "test" and "videos" in over:
+        over["test_videos"] = over.pop("videos")
+    cfg = maze_config(a.preset, **over)
+    print(cfg)
+    if a.cmd == "bench" or not a.out:
+        return bench(cfg) if a.cmd == "bench" else p.error("maze needs --out DIR")
+    t = time.perf_counter()
+    meta = make_maze(a.out, cfg, a.split)
+    print(f"wrote {a.out} in {time.perf_counter() - t:.1f} s: mean Chamfer {meta['chamfer']:.2f} cells, "
+          f"forward {meta['forward']:.3f}, moving on {meta['moved']:.3f} of forward frames")
 
 
 if __name__ == "__main__":

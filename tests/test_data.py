@@ -261,13 +261,13 @@ def test_prepare_round_trip(tmp_path):
 def break_fixture(src, what):
     if what == "index count":
         (src / "index.json").write_text(json.dumps({"000/000": 13}))
-        return "000/000.npy", "13"
+        return "000/000.npy", r"expected shape \(13, 6\)"
     if what == "action id":
         a = np.load(src / "000/000.npy"); a[3, 0] = 3; np.save(src / "000/000.npy", a)
         return "000/000.npy", "action ids"
     if what == "shape":
         np.save(src / "000/000.npy", np.zeros((12, 5), np.float32))
-        return "000/000.npy", r"\(frames, 6\)"
+        return "000/000.npy", r"expected shape \(12, 6\)"
     if what == "video count":                          # .npy and index say 13, the video has 12
         np.save(src / "000/000.npy", np.zeros((13, 6), np.float32))
         (src / "index.json").write_text(json.dumps({"000/000": 13}))
