@@ -112,18 +112,21 @@ def test_chamfer_hand_computed():
 
 
 def test_render_wall_height_and_colour_identity():
-    w = open_world(8)
-    w[3, 5] = 4                                        # a wall two cells ahead of (x=3, y=3) facing +x
+    w = open_world(12)
+    w[3, 9] = 4                                        # wall face 5.5 cells ahead of (x=3.5, y=3.5) facing +x
     frame = data.render(w, np.array([[FORWARD, 3.5, 3.5, data.EYE, 0, 0]]), 64, fov=70)[0]
     col = frame[:, 32].astype(int)
-    below = np.sum(np.any(col[32:] != data._lut(64)[-64:][32:], 1))             # wall rows below horizon
-    assert below == math.floor(data.EYE * 64 / (2 * math.tan(math.radians(35)) * 1.5) + 0.5)  # 15 rows
+    wall = np.any(col != data._lut(64)[-64:], 1)       # rows of the centre column that are not floor/sky
+    # pinhole: a point h cells above the eye at distance d is h · (size/2) / (d · tan(fov/2)) rows up
+    rows = lambda h: math.floor(h * 32 / (5.5 * math.tan(math.radians(35))) + 0.5)   # pixel centres
+    assert wall[32:].sum() == rows(data.EYE) == 4 and wall[:32].sum() == rows(data.WALL - data.EYE) == 17
+    assert np.all(wall[32 - 17:32 + 4])                # one contiguous span
     # every textured, shaded texel keeps its type's chromaticity closest: coarse levels keep colour
     chroma = lambda c: c / c.sum(-1, keepdims=True)
     texels = data._lut(64)[:8 * 2 * 64].astype(float).reshape(8, 2 * 64, 3)
     nearest = np.argmin(np.abs(chroma(texels)[:, :, None] - chroma(data.PALETTE[1:9].astype(float))).sum(-1), -1)
     assert np.all(nearest == np.arange(8)[:, None])
-    assert np.argmin(np.abs(chroma(col[32].astype(float)) - chroma(data.PALETTE[1:9].astype(float))).sum(-1)) == 3
+    assert np.argmin(np.abs(chroma(col[33].astype(float)) - chroma(data.PALETTE[1:9].astype(float))).sum(-1)) == 3
 
 
 # --- generation, determinism, frame store -----------------------------------------------------------
