@@ -35,12 +35,21 @@ class DiTConfig:
     channels: int = 32              # latent channels C of the autoencoder
     levels: int = 4                 # hierarchy levels; for the dense model: patch groups k = 0..levels-1
     num_actions: int = 3            # 0 forward, 1 left, 2 right
-    dense_framepack: bool = False   # the paper's FramePack baseline (level-0 tokens, 2^k x 2^k packing)
     # diffusion (App. A.2 "Generative Model Training Setup", "Inference Details")
     shift: float = 1.0              # schedule shift; the paper uses 1.0 for every level
     logsnr_bound: float = 15.0      # logSNR runs from +15 (t = 0) to -15 (t = 1)
-    cfg_drop: float = 0.1           # classifier-free-guidance dropout per sample
+    cfg_dropout: float = 0.1        # classifier-free-guidance dropout per sample
     sampling_steps: int = 50        # DDIM steps per rollout step
+    # rollout strategy the model is trained for (rollout.py; App. A.2 "Model-Specific Details"), kept here
+    # so generation rebuilds it from a checkpoint. "framepack" is the paper's dense baseline model.
+    strategy: str = "millivid"      # millivid | framepack | fullres | framepack_hier | framepack_mirrored | upscale
+    frames_per_level: tuple = (3, 12, 48, 192)    # MilliVid W; 3840 tokens with extra_budget 768
+    extra_budget: int = 768
+    framepack_denoised: int = 3                    # FramePack d; 3 x 256 + 3072 context = 3840 tokens
+    framepack_context: tuple = (3, 12, 48, 192)    # FramePack K per level / group
+    framepack_mirrored: tuple = (3, 12, 48, 192)   # mirrored FramePack D per level (rollout.py's default: = K)
+    fullres_frames: int = 14                       # full-resolution rollout n: 7 + 7 frames, 3584 tokens
+    upscale_frames: int = 2                        # rollout + upscale base frames B (rollout.py's default)
     # video training (App. A.2): per-device batch, Muon + AdamW, linear warmup, clipping
     batch_size: int = 48
     steps: int = 192_000
@@ -49,26 +58,47 @@ class DiTConfig:
     warmup: int = 2000
     grad_clip: float = 1.0
 
+    def __post_init__(self):
+        strategies = ("millivid", "framepack", "fullres", "framepack_hier", "framepack_mirrored", "upscale")
+        for ok, name, expected in [
+                (self.width % 6 == 0 and self.width % self.heads == 0, "width", f"divisible by 6 (3D sin/cos) "
+                 f"and by heads={self.heads}"),
+                (self.strategy in strategies, "strategy", f"one of {strategies}"),
+                (self.shift > 0, "shift", "> 0"),
+                (0 <= self.cfg_dropout <= 1, "cfg_dropout", "in [0, 1]")]:
+            if not ok:
+                raise ValueError(f"DiTConfig.{name} = {getattr(self, name)!r}: expected {expected}")
+
+    @property
+    def dense_framepack(self):
+        """The paper's FramePack baseline: level-0 tokens only, context packed 2^k x 2^k per group k."""
+        return self.strategy == "framepack"
+
 
 PRESETS = {
     "paper": {},
     # toy: 64x64 frames, patch 8 -> 64/16/4/1 tokens per level, 320-token steps; minutes on one GPU
-    "toy": dict(depth=6, width=384, heads=6, channels=16, levels=4,
-                batch_size=32, steps=20_000, warmup=500),
+    "toy": dict(depth=6, width=384, heads=6, channels=16, levels=4, frames_per_level=(1, 4, 16, 64),
+                extra_budget=64, framepack_denoised=1, framepack_context=(1, 4, 16, 64),
+                framepack_mirrored=(1, 4, 16, 64), fullres_frames=5, batch_size=32, steps=20_000, warmup=500),
     # tiny: 32x32 frames -> 16/4/1 tokens per level, 64-token steps; CPU tests
-    "tiny": dict(depth=2, width=48, heads=2, channels=8, levels=3,
-                 batch_size=8, steps=200, warmup=20),
+    "tiny": dict(depth=2, width=48, heads=2, channels=8, levels=3, frames_per_level=(1, 4, 16),
+                 extra_budget=16, framepack_denoised=1, framepack_context=(1, 4, 16),
+                 framepack_mirrored=(1, 4, 16), fullres_frames=4, batch_size=8, steps=200, warmup=20),
 }
 
 
 def dit_config(preset="paper", **overrides) -> DiTConfig:
-    """The paper's settings, or a named preset, with strict overrides (unknown keys are errors)."""
+    """The paper's settings, or a named preset, with strict overrides (unknown keys, wrong types: errors)."""
     if preset not in PRESETS:
-        raise ValueError(f"diffusion.dit_config: unknown preset {preset!r}, expected one of {list(PRESETS)}")
-    names = {f.name for f in fields(DiTConfig)}
-    unknown = set(overrides) - names
-    if unknown:
-        raise ValueError(f"diffusion.dit_config: unknown DiTConfig keys {sorted(unknown)}")
+        raise ValueError(f"dit_config: unknown preset {preset!r}, expected one of {list(PRESETS)}")
+    defaults = {f.name: f.default for f in fields(DiTConfig)}
+    for key, value in overrides.items():
+        if key not in defaults:
+            raise ValueError(f"dit_config: unknown key {key!r}, expected one of {list(defaults)}")
+        kind = type(defaults[key])
+        if not (isinstance(value, kind) or (kind is float and type(value) is int)):
+            raise ValueError(f"dit_config: {key}={value!r} should be of type {kind.__name__}")
     return replace(DiTConfig(), **{**PRESETS[preset], **overrides})
 
 
@@ -135,8 +165,9 @@ class DiTBlock(nn.Module):
         # uses. The modulation is computed once per distinct c and gathered: the same numbers as a
         # per-token Linear, at U/(B T) of its cost (U is tens, B T is thousands).
         shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(c).chunk(6, dim=-1)  # 6 x (U, D)
-        x = x + gather(gate1, index) * self.attn(modulate(self.norm1(x), shift1, scale1, index))
-        return x + gather(gate2, index) * self.mlp(modulate(self.norm2(x), shift2, scale2, index))
+        # x + gate · attn(adaLN(x)), then x + gate · mlp(adaLN(x)); zero gates at init: identity block
+        x = torch.addcmul(x, gather(gate1, index), self.attn(modulate(self.norm1(x), shift1, scale1, index)))
+        return torch.addcmul(x, gather(gate2, index), self.mlp(modulate(self.norm2(x), shift2, scale2, index)))
 
 
 class FinalLayer(nn.Module):
@@ -176,8 +207,6 @@ class VideoDiT(nn.Module):
 
     def __init__(self, cfg: DiTConfig):
         super().__init__()
-        if cfg.width % 6 or cfg.width % cfg.heads:
-            raise ValueError(f"DiTConfig.width={cfg.width} must be divisible by 6 (3D sin/cos) and by heads={cfg.heads}")
         self.cfg = cfg
         D, C = cfg.width, cfg.channels
         if cfg.dense_framepack:
@@ -279,21 +308,21 @@ def _noise(fn, shape, generator, like):
     return fn(shape, generator=generator, device=device, dtype=like.dtype).to(like.device)
 
 
-def loss(model, x, role, frame, level, row, col, action, cfg_drop=0.1, generator=None, drop_actions=None):
+def loss(model, x, role, frame, level, row, col, action, cfg_drop=0.1, generator=None, keep_actions=None):
     """v-prediction MSE over DENOISED tokens (§3.2, App. A.2). x (B, T, C) clean latents, role (B, T).
 
     One t ~ U(0, 1) per sample for its DENOISED tokens; CONTEXT at t = 0. CFG dropout: with probability
     cfg_drop a sample's context goes to t = 1 (pure noise) and its actions are dropped (-1). The paper's
-    dense FramePack model keeps its actions; drop_actions=None picks that per model."""
+    dense FramePack model keeps its actions (App. A.2); keep_actions=None follows the model's config."""
     cfg = _config_of(model)
-    drop_actions = not cfg.dense_framepack if drop_actions is None else drop_actions
+    keep_actions = cfg.dense_framepack if keep_actions is None else keep_actions
     B, T, _ = x.shape
     role, action = role.expand(B, T), action.expand(B, T)
     denoised = role == DENOISED
     t_sample = _noise(torch.rand, (B, 1), generator, x)  # one t per sample
     drop = _noise(torch.rand, (B, 1), generator, x) < cfg_drop  # CFG dropout per sample
     t = torch.where(denoised, t_sample, drop.to(x.dtype))  # CONTEXT: t = 0, or t = 1 when dropped
-    if drop_actions:
+    if not keep_actions:
         action = torch.where(drop, -1, action)
     eps = _noise(torch.randn, x.shape, generator, x)
     alpha, sigma = (a[..., None] for a in alpha_sigma(t, cfg.shift, cfg.logsnr_bound))  # (B, T, 1)
@@ -309,17 +338,17 @@ def loss(model, x, role, frame, level, row, col, action, cfg_drop=0.1, generator
 
 @torch.no_grad()
 def ddim_sample(model, x, role, frame, level, row, col, action, steps=50, cfg_scale=1.0, generator=None,
-                drop_actions=None):
+                keep_actions=None):
     """Deterministic DDIM for one rollout step (App. A.2): returns x with its DENOISED tokens generated.
 
     x (B, T, C): CONTEXT tokens clean, DENOISED tokens anything (ignored). Times run over
     linspace(1, 0, steps + 1) on the training schedule; CONTEXT stays at t = 0. With cfg_scale != 1 an
-    unconditional pass (context at t = 1, actions dropped) guides: v = v_u + s (v_c - v_u)."""
+    unconditional pass (context at t = 1, actions dropped unless keep_actions) guides: v = v_u + s (v_c - v_u)."""
     cfg = _config_of(model)
-    drop_actions = not cfg.dense_framepack if drop_actions is None else drop_actions
+    keep_actions = cfg.dense_framepack if keep_actions is None else keep_actions
     B, T, _ = x.shape
     denoised = (role == DENOISED).expand(B, T)
-    uncond_action = torch.full_like(action.expand(B, T), -1) if drop_actions else action
+    uncond_action = action if keep_actions else torch.full_like(action.expand(B, T), -1)
     eps_hat = _noise(torch.randn, x.shape, generator, x)  # one ε per token, fixed for CONTEXT
     x_hat = torch.where(denoised[..., None], 0.0, x)  # DENOISED start from pure noise
     ts = torch.linspace(1, 0, steps + 1, dtype=x.dtype, device=x.device)
@@ -365,8 +394,9 @@ def bench_step(cfg, tokens, g0):
 
 
 def train_flops(cfg, batch, tokens):
-    """Model FLOPs of one training step (forward + backward = 3 x forward): the per-token matmuls and
-    attention; the adaLN Linears run on the few distinct conditioning vectors and are left out."""
+    """Model FLOPs of one training step, backward = 2 x forward. Per token and block: 2 (4 + 2 mlp) D^2
+    for qkv, proj and MLP, 4 T D for attention; plus the C <-> D Linears. The adaLN Linears run on the few
+    distinct conditionings and are left out."""
     D = cfg.width
     per_token = cfg.depth * (2 * (4 + 2 * cfg.mlp_ratio) * D * D + 4 * tokens * D) + 4 * cfg.channels * D
     return 3 * per_token * batch * tokens
@@ -374,9 +404,9 @@ def train_flops(cfg, batch, tokens):
 
 def timed(step, iters):
     """Seconds per call of step() after two warm-up calls (CUDA-synchronised)."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     for _ in range(2):
         step()
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     sync()
     start = time.perf_counter()
     for _ in range(iters):
@@ -385,87 +415,75 @@ def timed(step, iters):
     return (time.perf_counter() - start) / iters
 
 
-def make_steps(cfg, batch, tokens, g0, device):
-    """Training-step closures (forward, backward, AdamW) for VideoDiT and for a plain nn.TransformerEncoder
-    of the same width, depth, heads and sequence length."""
-    autocast = torch.autocast("cuda", torch.bfloat16, enabled=device == "cuda")  # bf16 on CUDA only
-    role, frame, level, row, col = (a.to(device) for a in bench_step(cfg, tokens, g0))
+def train_step(model, objective, device):
+    """One training step as a closure: forward and backward (bf16 autocast on CUDA only), AdamW step."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
+
+    def step():
+        with torch.autocast("cuda", torch.bfloat16, enabled=device == "cuda"):
+            objective().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+PEAK_BF16_TFLOPS = {"H200": 989, "H100 PCIe": 756, "H100": 989, "A100": 312, "L40S": 362, "4090": 165}
+
+
+def bench(preset, device, batch, iters, rounds=3):
+    """Training tokens/s of VideoDiT (all of loss(): noise, forward, backward, AdamW) against a plain
+    nn.TransformerEncoder of the same width, depth, heads and sequence length, in the same run. On CUDA
+    also VideoDiT's step time, peak memory and model-FLOPs utilisation (bf16 autocast)."""
+    cfg = dit_config(preset)
+    tokens, g0 = BENCH[preset]
+    print(f"bench: preset {preset}, device {device}, batch {batch} x {tokens} tokens, DiT depth {cfg.depth} "
+          f"width {cfg.width} heads {cfg.heads}, {torch.get_num_threads()} CPU threads")
     g = torch.Generator(device).manual_seed(0)
+    role, frame, level, row, col = (a.to(device) for a in bench_step(cfg, tokens, g0))
     x = torch.randn(batch, tokens, cfg.channels, device=device, generator=g)
     action = torch.randint(0, cfg.num_actions, (batch, tokens), device=device, generator=g)
     dit = VideoDiT(cfg).to(device)
+    dit_step = train_step(dit, lambda: loss(dit, x, role, frame, level, row, col, action, generator=g), device)
+    if device == "cuda":  # peak memory of the DiT's step alone, before the baseline exists
+        torch.cuda.reset_peak_memory_stats()
+        dit_step()
+        memory = torch.cuda.max_memory_allocated() / 2**30
     encoder = nn.TransformerEncoder(
         nn.TransformerEncoderLayer(cfg.width, cfg.heads, cfg.mlp_ratio * cfg.width, dropout=0.0,
                                    activation="gelu", batch_first=True, norm_first=True),
         cfg.depth, enable_nested_tensor=False).to(device)
     h = torch.randn(batch, tokens, cfg.width, device=device, generator=g)
-
-    def step_of(model, objective):
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=cfg.weight_decay)
-
-        def step():
-            with autocast:
-                objective().backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        return step
-
-    dit_step = step_of(dit, lambda: loss(dit, x, role, frame, level, row, col, action, generator=g))
-    enc_step = step_of(encoder, lambda: encoder(h).float().pow(2).mean())
-    return dit, dit_step, enc_step
-
-
-def bench(preset, device, batch, iters, rounds=3):
-    cfg = dit_config(preset)
-    tokens, g0 = BENCH[preset]
-    print(f"bench: preset {preset}, device {device}, batch {batch}, {tokens} tokens/step, "
-          f"DiT depth {cfg.depth} width {cfg.width} heads {cfg.heads}, {torch.get_num_threads()} CPU threads")
-    dit, dit_step, enc_step = make_steps(cfg, batch, tokens, g0, device)
+    encoder_step = train_step(encoder, lambda: encoder(h).float().pow(2).mean(), device)
     # alternate the two models and keep each one's best round: fair on a shared, noisy machine
-    best = {"VideoDiT": math.inf, "nn.TransformerEncoder": math.inf}
+    sec_dit = sec_encoder = math.inf
     for _ in range(rounds):
-        best["VideoDiT"] = min(best["VideoDiT"], timed(dit_step, iters))
-        best["nn.TransformerEncoder"] = min(best["nn.TransformerEncoder"], timed(enc_step, iters))
-    for name, sec in best.items():
+        sec_dit = min(sec_dit, timed(dit_step, iters))
+        sec_encoder = min(sec_encoder, timed(encoder_step, iters))
+    for name, sec in (("VideoDiT", sec_dit), ("nn.TransformerEncoder", sec_encoder)):
         print(f"  {name:22s} {batch * tokens / sec:12,.0f} train tokens/s  ({1e3 * sec:8.1f} ms/step)")
-    print(f"  ratio VideoDiT / TransformerEncoder: {best['nn.TransformerEncoder'] / best['VideoDiT']:.2f}x"
-          f" (goal on CPU >= 0.80x)")
+    print(f"  ratio VideoDiT / TransformerEncoder: {sec_encoder / sec_dit:.2f}x (goal on CPU >= 0.80x)")
     if device == "cuda":
-        paper_gpu_figures()
-
-
-PEAK_BF16_TFLOPS = {"H200": 989, "H100": 989, "A100": 312, "L40S": 362, "4090": 165, "3090": 71}
-
-
-def paper_gpu_figures(batch=48, iters=5):
-    """The paper-size DiT-B at 3840 tokens, batch 48, bf16: step time, peak memory, model-FLOPs utilisation."""
-    cfg = dit_config("paper")
-    tokens, g0 = BENCH["paper"]
-    name = torch.cuda.get_device_name()
-    torch.cuda.reset_peak_memory_stats()
-    try:
-        _, dit_step, _ = make_steps(cfg, batch, tokens, g0, "cuda")
-        sec = timed(dit_step, iters)
-    except torch.cuda.OutOfMemoryError:
-        print(f"paper DiT-B, batch {batch} x {tokens} tokens: out of memory on {name} "
-              f"(the paper trains this on 141 GB H200s)")
-        return
-    peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
-    mfu = f"{100 * train_flops(cfg, batch, tokens) / sec / (peak * 1e12):.1f}%" if peak else "n/a (unknown GPU peak)"
-    print(f"paper DiT-B on {name}, bf16, batch {batch} x {tokens} tokens: {1e3 * sec:.0f} ms/step, "
-          f"peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB, MFU {mfu}")
+        gpu = torch.cuda.get_device_name()
+        peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in gpu), None)
+        mfu = f"{100 * train_flops(cfg, batch, tokens) / sec_dit / (peak * 1e12):.1f}%" if peak else "n/a (unknown peak)"
+        print(f"  VideoDiT on {gpu}, bf16: {1e3 * sec_dit:.0f} ms/step, peak memory {memory:.1f} GiB, MFU {mfu}")
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="diffusion.py: video DiT utilities")
+    parser = argparse.ArgumentParser(description="diffusion.py: training throughput of the video DiT")
     parser.add_argument("command", choices=["bench"])
-    parser.add_argument("--preset", choices=list(BENCH), default="tiny")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--batch", type=int, default=None, help="default: 16 (tiny), 4 (toy), 48 (paper on CUDA)")
+    parser.add_argument("--preset", choices=list(BENCH), help="default: paper on CUDA, tiny on CPU")
+    parser.add_argument("--batch", type=int, help="default: 48 on CUDA (the paper's), on CPU 16 / 4 / 1")
     parser.add_argument("--iters", type=int, default=5)
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
-        print("bench: --device cuda requested but CUDA is not available; skipping (use --device cpu)")
+        print("bench: --device cuda but CUDA is not available here; skipped (use --device cpu)")
         raise SystemExit(0)
-    default_batch = {"tiny": 16, "toy": 4, "paper": 48 if args.device == "cuda" else 1}[args.preset]
-    bench(args.preset, args.device, args.batch or default_batch, args.iters)
+    preset = args.preset or ("paper" if args.device == "cuda" else "tiny")
+    batch = args.batch or (48 if args.device == "cuda" else {"tiny": 16, "toy": 4, "paper": 1}[preset])
+    try:
+        bench(preset, args.device, batch, args.iters)
+    except torch.cuda.OutOfMemoryError:
+        raise SystemExit(f"bench: out of memory at batch {batch} x {BENCH[preset][0]} tokens on "
+                         f"{torch.cuda.get_device_name()}; try a smaller --batch")

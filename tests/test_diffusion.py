@@ -12,7 +12,7 @@ import rollout
 from diffusion import CONTEXT, DENOISED
 
 TINY = d.dit_config("tiny")                            # C 8, 3 levels, level-0 grid 4x4
-TINY_DENSE = d.dit_config("tiny", dense_framepack=True)
+TINY_DENSE = d.dit_config("tiny", strategy="framepack")  # the dense FramePack model
 GRIDS = [(4, 4), (2, 2), (1, 1)]
 
 
@@ -61,7 +61,7 @@ def call(model, x, step, action, t=None, **shift):
 def test_parameter_counts_match_paper():
     with torch.device("meta"):
         dit = d.VideoDiT(d.dit_config("paper"))
-        dense = d.VideoDiT(d.dit_config("paper", dense_framepack=True))
+        dense = d.VideoDiT(d.dit_config("paper", strategy="framepack"))
     n_dit = sum(p.numel() for p in dit.parameters())
     n_dense = sum(p.numel() for p in dense.parameters())
     assert abs(n_dit / 129.6e6 - 1) < 0.01, n_dit      # DiT-B, App. A.2
@@ -75,10 +75,25 @@ def test_config_presets_and_strict_overrides():
     assert (d.dit_config("toy").channels, d.dit_config("toy").levels) == (16, 4)
     assert d.dit_config("toy").width % 6 == 0 and (TINY.channels, TINY.levels) == (8, 3)
     assert d.dit_config("tiny", depth=3).depth == 3
-    with pytest.raises(ValueError, match="widht"):
-        d.dit_config("tiny", widht=64)
+    assert TINY_DENSE.dense_framepack and not TINY.dense_framepack
+    for bad, match in [(dict(widht=48), "widht"), (dict(width=48.0), "width"), (dict(width=64), "width"),
+                       (dict(strategy="framepak"), "strategy")]:
+        with pytest.raises(ValueError, match=match):
+            d.dit_config("tiny", **bad)
     with pytest.raises(ValueError, match="preset"):
         d.dit_config("huge")
+
+
+@pytest.mark.parametrize("preset,T0,budgets", [("paper", 256, (3840, 3840, 3584)), ("toy", 64, (320, 320, 320)),
+                                               ("tiny", 16, (64, 64, 64))])
+def test_preset_rollout_budgets(preset, T0, budgets):
+    """Each preset's strategies give the shared table's tokens per step (CONTRACTS.md, App. A.2)."""
+    cfg = d.dit_config(preset)
+    assert len(cfg.frames_per_level) == len(cfg.framepack_context) == cfg.levels
+    tokens = lambda steps, dense=False: {int(rollout.level_tokens(s.selection, T0, dense).sum()) for s in steps}  # noqa: E731
+    assert tokens(rollout.millivid_steps(cfg.frames_per_level, cfg.extra_budget, T0)) == {budgets[0]}
+    assert tokens(rollout.framepack_steps(cfg.framepack_denoised, cfg.framepack_context), dense=True) == {budgets[1]}
+    assert tokens(rollout.baseline_steps(cfg.fullres_frames)) == {budgets[2]}
 
 
 def test_schedule_identities():
@@ -248,7 +263,7 @@ def test_loss_times_and_cfg_dropout(dense):
     def recorder(x_t, t, frame, level, row, col, action):
         seen.update(t=t, action=action)
         return torch.zeros_like(x_t)
-    recorder.cfg = d.dit_config("tiny", dense_framepack=dense)
+    recorder.cfg = d.dit_config("tiny", strategy="framepack" if dense else "millivid")
 
     context, denoised = step["role"] == CONTEXT, step["role"] == DENOISED
     x = torch.randn(4, 64, TINY.channels)
