@@ -261,25 +261,26 @@ class VideoDiT(nn.Module):
         counts = torch.bincount(level[0], minlength=self.cfg.levels).tolist()  # raw tokens per group
         tokens, meta, start = [], [], 0
         for k, n in enumerate(counts):
-            p = 2 ** k
-            if n == 0:
-                continue
+            p, frames, cells = 2 ** k, n // (h * w), slice(start, start + n)
             if n % (h * w) or h % p or w % p:
                 raise ValueError(f"VideoDiT(dense_framepack): group {k} has {n} tokens, not whole {h}x{w} "
                                  f"frames divisible into {p}x{p} patches")
-            pack = lambda a: space_to_depth(a[:, start:start + n], n // (h * w), h, w, p)  # noqa: E731
-            tokens.append(self.embed[k](pack(x_t)))  # (B, F_k (h/p)(w/p), D)
-            # a packed token takes the (t, frame, action) of its frame and the downsampled (row, col)
-            m = pack(torch.stack([t, frame, level, row // p, col // p, action], -1).to(t.dtype))[..., :6]
-            meta.append(m)
+            tokens.append(self.embed[k](space_to_depth(x_t[:, cells], frames, h, w, p)))  # (B, F_k h w / p², D)
+            # a packed token keeps its top-left token's (t, frame, level, action), equal over the patch, and
+            # takes its (row, col) in the downsampled grid
+            m = torch.stack([t, frame, level, row // p, col // p, action], -1)[:, cells].to(t.dtype)  # (B, n, 6)
+            meta.append(space_to_depth(m, frames, h, w, p)[..., :6])  # (B, F_k h w / p², 6)
             start += n
-        meta = torch.cat(meta, 1)  # (B, T', 6): the top-left token of each patch
-        t, frame, level, row, col, action = meta.unbind(-1)
+        t, frame, level, row, col, action = torch.cat(meta, 1).unbind(-1)  # (B, T') each
         return torch.cat(tokens, 1), t, *(a.long() for a in (frame, level, row, col, action)), counts[0]
 
     def forward(self, x_t, t, frame, level, row, col, action):
         B, T, _ = x_t.shape
         frame, level, row, col, action = (a.expand(B, T) for a in (frame, level, row, col, action))
+        if level.min() < 0 or level.max() >= self.cfg.levels or action.min() < -1 or action.max() >= self.cfg.num_actions:
+            raise ValueError(f"VideoDiT: level must lie in [0, {self.cfg.levels}) and action in "
+                             f"[-1, {self.cfg.num_actions}), got levels {level.unique().tolist()}, "
+                             f"actions {action.unique().tolist()}")
         t = t.float().expand(B, T)
         if self.cfg.dense_framepack:
             h, t, frame, level, row, col, action, n0 = self.pack(x_t, t, frame, level, row, col, action)
@@ -319,9 +320,14 @@ def loss(model, x, role, frame, level, row, col, action, cfg_drop=0.1, generator
     B, T, _ = x.shape
     role, action = role.expand(B, T), action.expand(B, T)
     denoised = role == DENOISED
+    if cfg.dense_framepack and (denoised & (level > 0)).any():
+        raise ValueError("loss: the dense FramePack model only predicts group k = 0 tokens; DENOISED tokens "
+                         "must have level 0 (rollout.step_layout(dense=True) lays them out so)")
     t_sample = _noise(torch.rand, (B, 1), generator, x)  # one t per sample
     drop = _noise(torch.rand, (B, 1), generator, x) < cfg_drop  # CFG dropout per sample
-    t = torch.where(denoised, t_sample, drop.to(x.dtype))  # CONTEXT: t = 0, or t = 1 when dropped
+    # CONTEXT at t = 0 (logSNR 15, sigma 5.5e-4: clean for all purposes, and the sampler does the same),
+    # or at t = 1 (pure noise) when the sample's context is dropped
+    t = torch.where(denoised, t_sample, drop.to(x.dtype))
     if not keep_actions:
         action = torch.where(drop, -1, action)
     eps = _noise(torch.randn, x.shape, generator, x)
@@ -350,22 +356,25 @@ def ddim_sample(model, x, role, frame, level, row, col, action, steps=50, cfg_sc
     denoised = (role == DENOISED).expand(B, T)
     uncond_action = action if keep_actions else torch.full_like(action.expand(B, T), -1)
     eps_hat = _noise(torch.randn, x.shape, generator, x)  # one ε per token, fixed for CONTEXT
-    x_hat = torch.where(denoised[..., None], 0.0, x)  # DENOISED start from pure noise
-    ts = torch.linspace(1, 0, steps + 1, dtype=x.dtype, device=x.device)
+    # DENOISED start from x̂ = 0, so the first x_t is pure noise whatever the buffer holds there
+    x_hat = torch.where(denoised[..., None], 0.0, x)
+    schedule = lambda t: (a[..., None] for a in alpha_sigma(t, cfg.shift, cfg.logsnr_bound))  # noqa: E731
 
-    def v_of(t, act):  # the model at per-token time t, inputs rebuilt as x_t = α·x̂ + σ·ε̂
-        alpha, sigma = (a[..., None] for a in alpha_sigma(t, cfg.shift, cfg.logsnr_bound))
-        x_t = alpha * x_hat + sigma * eps_hat
-        return x_t, alpha, sigma, model(x_t, t, frame, level, row, col, act).to(x.dtype)
+    def unconditional(s, x_hat, eps_hat):  # the CFG pass: context at t = 1, actions dropped, as in training
+        t_u = torch.where(denoised, s, 1.0)
+        alpha, sigma = schedule(t_u)
+        return model(alpha * x_hat + sigma * eps_hat, t_u, frame, level, row, col, uncond_action).to(x.dtype)
 
-    for s in ts[:-1]:
+    for s in torch.linspace(1, 0, steps + 1, dtype=x.dtype, device=x.device)[:-1]:
         t = torch.where(denoised, s, 0.0)  # (B, T): t on DENOISED, 0 on CONTEXT
-        x_t, alpha, sigma, v_hat = v_of(t, action)
-        if cfg_scale != 1.0:  # classifier-free guidance: context noised to t = 1, actions dropped
-            v_u = v_of(torch.where(denoised, s, 1.0), uncond_action)[-1]
+        alpha, sigma = schedule(t)  # (B, T, 1) each
+        x_t = alpha * x_hat + sigma * eps_hat
+        v_hat = model(x_t, t, frame, level, row, col, action).to(x.dtype)
+        if cfg_scale != 1.0:  # classifier-free guidance: v = v_u + s (v_c - v_u)
+            v_u = unconditional(s, x_hat, eps_hat)
             v_hat = v_u + cfg_scale * (v_hat - v_u)
-        # DDIM: x̂ = α·x_t − σ·v̂, ε̂ = σ·x_t + α·v̂; the next x_t is α'·x̂ + σ'·ε̂ (only DENOISED move)
-        x_hat = torch.where(denoised[..., None], alpha * x_t - sigma * v_hat, x_hat)
+        # DDIM: x̂ = α·x_t − σ·v̂, ε̂ = σ·x_t + α·v̂; the next step rebuilds x_t' = α'·x̂ + σ'·ε̂
+        x_hat = torch.where(denoised[..., None], alpha * x_t - sigma * v_hat, x_hat)  # only DENOISED move
         eps_hat = torch.where(denoised[..., None], sigma * x_t + alpha * v_hat, eps_hat)
     return x_hat
 

@@ -179,16 +179,33 @@ def test_ddim_step_is_a_rotation():
     assert torch.allclose(out[:, denoised], (alpha[4] * inputs[4] - sigma[4] * V)[:, denoised], atol=1e-12)
 
 
-def test_sampler_leaves_context_untouched():
+def test_sampler_leaves_context_untouched_and_ignores_denoised_input():
     step, model = millivid_step(), randomized(TINY)
     x = torch.randn(2, 64, TINY.channels)
     action = torch.randint(0, 3, (2, 64))
+    context = step["role"] == CONTEXT
     for scale in (1.0, 2.0):
-        out = d.ddim_sample(model, x, step["role"], step["frame"], step["level"], step["row"], step["col"], action,
-                            steps=3, cfg_scale=scale, generator=torch.Generator().manual_seed(0))
-        context = step["role"] == CONTEXT
+        sample = lambda x: d.ddim_sample(model, x, step["role"], step["frame"], step["level"], step["row"],  # noqa: E731
+                                         step["col"], action, steps=3, cfg_scale=scale,
+                                         generator=torch.Generator().manual_seed(0))
+        out = sample(x)
         assert torch.equal(out[:, context], x[:, context])
         assert not torch.allclose(out[:, ~context], x[:, ~context])
+        # what the buffer holds at DENOISED positions never reaches the result
+        assert torch.equal(sample(torch.where(context[:, None], x, 100.0)), out)
+
+
+def test_conditioning_is_the_per_token_sum():
+    """c = timestep_embedding(t) + level_embedding(level) + action_embedding(action), action -1 -> 0 vector,
+    computed once per distinct (t, level, action) and indexed back to every token."""
+    model, g = randomized(TINY), torch.Generator().manual_seed(0)
+    t = torch.where(torch.rand(3, 64, generator=g) < 0.5, torch.rand(3, 1, generator=g), 0.0)
+    level, action = torch.randint(0, 3, (3, 64), generator=g), torch.randint(-1, 3, (3, 64), generator=g)
+    with torch.no_grad():
+        c, index = model.conditioning(t, level, action)
+        a = torch.where((action >= 0)[..., None], model.action_embed(action.clamp(min=0)), 0.0)
+        per_token = model.t_embed(d.timestep_embedding(t.flatten())).view(3, 64, -1) + model.level_embed(level) + a
+    assert len(c) < 3 * 64 and torch.allclose(c[index], per_token, atol=1e-6)
 
 
 @pytest.mark.parametrize("cfg,step", [(TINY, millivid_step), (TINY_DENSE, framepack_step)])
@@ -258,16 +275,17 @@ def test_loss_counts_only_denoised_tokens():
 
 @pytest.mark.parametrize("dense", [False, True])
 def test_loss_times_and_cfg_dropout(dense):
-    step, seen = millivid_step(), {}
+    step, seen = framepack_step() if dense else millivid_step(), {}
+    T = len(step["frame"])
 
     def recorder(x_t, t, frame, level, row, col, action):
         seen.update(t=t, action=action)
         return torch.zeros_like(x_t)
-    recorder.cfg = d.dit_config("tiny", strategy="framepack" if dense else "millivid")
+    recorder.cfg = TINY_DENSE if dense else TINY
 
     context, denoised = step["role"] == CONTEXT, step["role"] == DENOISED
-    x = torch.randn(4, 64, TINY.channels)
-    action = torch.full((4, 64), 2)
+    x = torch.randn(4, T, TINY.channels)
+    action = torch.full((4, T), 2)
     args = (x, step["role"], step["frame"], step["level"], step["row"], step["col"], action)
     d.loss(recorder, *args, cfg_drop=0.0, generator=torch.Generator().manual_seed(0))
     t = seen["t"][:, denoised]
@@ -276,6 +294,18 @@ def test_loss_times_and_cfg_dropout(dense):
     d.loss(recorder, *args, cfg_drop=1.0, generator=torch.Generator().manual_seed(0))
     assert (seen["t"][:, context] == 1).all() and (seen["t"][:, denoised] == t).all()
     assert (seen["action"] == (2 if dense else -1)).all()  # the dense FramePack model keeps its actions
+
+
+def test_bad_inputs_are_named():
+    step, model = millivid_step(), d.VideoDiT(TINY)
+    x = torch.randn(1, 64, TINY.channels)
+    with pytest.raises(ValueError, match="action"):
+        call(model, x, step, torch.full((1, 64), 3))  # tiny has actions 0, 1, 2
+    with pytest.raises(ValueError, match="level"):
+        call(model, x, dict(step, level=step["level"] + 1), torch.zeros(1, 64, dtype=torch.long))
+    with pytest.raises(ValueError, match="group k = 0"):  # a hierarchical step given to the dense model
+        d.loss(d.VideoDiT(TINY_DENSE), x, step["role"], step["frame"], step["level"], step["row"], step["col"],
+               torch.zeros(64, dtype=torch.long))
 
 
 @pytest.mark.parametrize("cfg,step", [(TINY, millivid_step), (TINY, fullres_step), (TINY_DENSE, framepack_step)])
