@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import rollout
 from rollout import CONTEXT, DENOISED  # token roles (UNSEEN cells never reach the model)
 from tokenizer import Attention, Mlp, sincos_embed
 
@@ -382,24 +383,15 @@ def ddim_sample(model, x, role, frame, level, row, col, action, steps=50, cfg_sc
 # ----------------------------------------------------------------------------------------------------
 # Throughput benchmark: python diffusion.py bench --preset tiny|toy|paper --device cpu|cuda
 
-BENCH = {  # preset -> (tokens per step, level-0 grid side), from the shared preset table
-    "paper": (3840, 16), "toy": (320, 8), "tiny": (64, 4)}
+GRID = {"paper": 16, "toy": 8, "tiny": 4}  # level-0 latent grid side per preset (the shared preset table)
 
 
-def bench_step(cfg, tokens, g0):
-    """A MilliVid-shaped step for timing: equal budget per level (level 0 doubled by the extra budget),
-    the newest level-0 frames DENOISED. Returns role, frame, level, row, col, each (T,)."""
-    share = tokens // (cfg.levels + 1)
-    cells = []
-    for l in range(cfg.levels):
-        g = g0 >> l
-        n = (2 if l == 0 else 1) * share // (g * g)  # frames at this level
-        f, r, c = torch.meshgrid(torch.arange(n), torch.arange(g), torch.arange(g), indexing="ij")
-        cells.append(torch.stack([f, torch.full_like(f, l), r, c], -1).reshape(-1, 4))  # (n g g, 4)
-    frame, level, row, col = torch.cat(cells).T
-    newest = frame >= frame[level == 0].max() + 1 - share // (g0 * g0)
-    role = torch.where((level == 0) & newest, DENOISED, CONTEXT)
-    return role, frame, level, row, col
+def bench_step(cfg, preset):
+    """The preset's last MilliVid step (level-0 target), as (T,) tensors role, frame, level, row, col."""
+    g0 = GRID[preset]
+    step = rollout.millivid_steps(list(cfg.frames_per_level), cfg.extra_budget, g0 * g0)[-1]
+    layout = rollout.step_layout(step.selection, [(g0 >> l, g0 >> l) for l in range(cfg.levels)])
+    return [torch.from_numpy(layout[k]) for k in ("role", "frame", "level", "row", "col")]
 
 
 def train_flops(cfg, batch, tokens):
@@ -444,11 +436,11 @@ def bench(preset, device, batch, iters, rounds=3):
     nn.TransformerEncoder of the same width, depth, heads and sequence length, in the same run. On CUDA
     also VideoDiT's step time, peak memory and model-FLOPs utilisation (bf16 autocast)."""
     cfg = dit_config(preset)
-    tokens, g0 = BENCH[preset]
+    role, frame, level, row, col = (a.to(device) for a in bench_step(cfg, preset))
+    tokens = len(role)
     print(f"bench: preset {preset}, device {device}, batch {batch} x {tokens} tokens, DiT depth {cfg.depth} "
           f"width {cfg.width} heads {cfg.heads}, {torch.get_num_threads()} CPU threads")
     g = torch.Generator(device).manual_seed(0)
-    role, frame, level, row, col = (a.to(device) for a in bench_step(cfg, tokens, g0))
     x = torch.randn(batch, tokens, cfg.channels, device=device, generator=g)
     action = torch.randint(0, cfg.num_actions, (batch, tokens), device=device, generator=g)
     dit = VideoDiT(cfg).to(device)
@@ -482,7 +474,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="diffusion.py: training throughput of the video DiT")
     parser.add_argument("command", choices=["bench"])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--preset", choices=list(BENCH), help="default: paper on CUDA, tiny on CPU")
+    parser.add_argument("--preset", choices=list(GRID), help="default: paper on CUDA, tiny on CPU")
     parser.add_argument("--batch", type=int, help="default: 48 on CUDA (the paper's), on CPU 16 / 4 / 1")
     parser.add_argument("--iters", type=int, default=5)
     args = parser.parse_args()
@@ -494,5 +486,5 @@ if __name__ == "__main__":
     try:
         bench(preset, args.device, batch, args.iters)
     except torch.cuda.OutOfMemoryError:
-        raise SystemExit(f"bench: out of memory at batch {batch} x {BENCH[preset][0]} tokens on "
+        raise SystemExit(f"bench: out of memory at batch {batch} on "
                          f"{torch.cuda.get_device_name()}; try a smaller --batch")

@@ -326,3 +326,16 @@ def test_overfits_one_sequence(cfg, step):
         opt.step()
         losses.append(value.item())
     assert losses[-1] < losses[0] / 10, losses[::10]
+
+
+def test_train_flops_matches_torch_flop_counter():
+    """The MFU numerator of `bench`: its Linear part agrees with torch's FLOP counter on a real training
+    step (which does not count CPU attention; the small remainder is the adaLN on distinct conditionings)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    step, model, B = millivid_step(), d.VideoDiT(TINY), 16
+    x, action = torch.randn(B, 64, TINY.channels), torch.randint(0, 3, (B, 64))
+    with FlopCounterMode(display=False) as counter:
+        d.loss(model, x, step["role"], step["frame"], step["level"], step["row"], step["col"], action,
+               generator=torch.Generator().manual_seed(0)).backward()
+    attention = 3 * B * 64 * TINY.depth * 4 * 64 * TINY.width  # QK^T and AV, forward + 2x backward
+    assert counter.get_total_flops() == pytest.approx(d.train_flops(TINY, B, 64) - attention, rel=0.06)
