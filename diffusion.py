@@ -278,10 +278,10 @@ class VideoDiT(nn.Module):
     def forward(self, x_t, t, frame, level, row, col, action):
         B, T, _ = x_t.shape
         frame, level, row, col, action = (a.expand(B, T) for a in (frame, level, row, col, action))
-        if level.min() < 0 or level.max() >= self.cfg.levels or action.min() < -1 or action.max() >= self.cfg.num_actions:
-            raise ValueError(f"VideoDiT: level must lie in [0, {self.cfg.levels}) and action in "
-                             f"[-1, {self.cfg.num_actions}), got levels {level.unique().tolist()}, "
-                             f"actions {action.unique().tolist()}")
+        L, A = self.cfg.levels, self.cfg.num_actions
+        if level.min() < 0 or level.max() >= L or action.min() < -1 or action.max() >= A:
+            raise ValueError(f"VideoDiT: level must lie in [0, {L}) and action in [-1, {A}), got levels "
+                             f"{level.unique().tolist()}, actions {action.unique().tolist()}")
         t = t.float().expand(B, T)
         if self.cfg.dense_framepack:
             h, t, frame, level, row, col, action, n0 = self.pack(x_t, t, frame, level, row, col, action)
@@ -359,7 +359,9 @@ def ddim_sample(model, x, role, frame, level, row, col, action, steps=50, cfg_sc
     eps_hat = _noise(torch.randn, x.shape, generator, x)  # one ε per token, fixed for CONTEXT
     # DENOISED start from x̂ = 0, so the first x_t is pure noise whatever the buffer holds there
     x_hat = torch.where(denoised[..., None], 0.0, x)
-    schedule = lambda t: (a[..., None] for a in alpha_sigma(t, cfg.shift, cfg.logsnr_bound))  # noqa: E731
+
+    def schedule(t):  # per-token alpha, sigma as (B, T, 1)
+        return (a[..., None] for a in alpha_sigma(t, cfg.shift, cfg.logsnr_bound))
 
     def unconditional(s, x_hat, eps_hat):  # the CFG pass: context at t = 1, actions dropped, as in training
         t_u = torch.where(denoised, s, 1.0)
@@ -466,7 +468,7 @@ def bench(preset, device, batch, iters, rounds=3):
     if device == "cuda":
         gpu = torch.cuda.get_device_name()
         peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in gpu), None)
-        mfu = f"{100 * train_flops(cfg, batch, tokens) / sec_dit / (peak * 1e12):.1f}%" if peak else "n/a (unknown peak)"
+        mfu = f"{100 * train_flops(cfg, batch, tokens) / sec_dit / (peak * 1e12):.1f}%" if peak else "n/a"
         print(f"  VideoDiT on {gpu}, bf16: {1e3 * sec_dit:.0f} ms/step, peak memory {memory:.1f} GiB, MFU {mfu}")
 
 

@@ -90,7 +90,9 @@ def test_preset_rollout_budgets(preset, T0, budgets):
     """Each preset's strategies give the shared table's tokens per step (CONTRACTS.md, App. A.2)."""
     cfg = d.dit_config(preset)
     assert len(cfg.frames_per_level) == len(cfg.framepack_context) == cfg.levels
-    tokens = lambda steps, dense=False: {int(rollout.level_tokens(s.selection, T0, dense).sum()) for s in steps}  # noqa: E731
+
+    def tokens(steps, dense=False):
+        return {int(rollout.level_tokens(s.selection, T0, dense).sum()) for s in steps}
     assert tokens(rollout.millivid_steps(cfg.frames_per_level, cfg.extra_budget, T0)) == {budgets[0]}
     assert tokens(rollout.framepack_steps(cfg.framepack_denoised, cfg.framepack_context), dense=True) == {budgets[1]}
     assert tokens(rollout.baseline_steps(cfg.fullres_frames)) == {budgets[2]}
@@ -184,15 +186,16 @@ def test_sampler_leaves_context_untouched_and_ignores_denoised_input():
     x = torch.randn(2, 64, TINY.channels)
     action = torch.randint(0, 3, (2, 64))
     context = step["role"] == CONTEXT
+
+    def sample(x, scale):
+        return d.ddim_sample(model, x, step["role"], step["frame"], step["level"], step["row"], step["col"],
+                             action, steps=3, cfg_scale=scale, generator=torch.Generator().manual_seed(0))
     for scale in (1.0, 2.0):
-        sample = lambda x: d.ddim_sample(model, x, step["role"], step["frame"], step["level"], step["row"],  # noqa: E731
-                                         step["col"], action, steps=3, cfg_scale=scale,
-                                         generator=torch.Generator().manual_seed(0))
-        out = sample(x)
+        out = sample(x, scale)
         assert torch.equal(out[:, context], x[:, context])
         assert not torch.allclose(out[:, ~context], x[:, ~context])
         # what the buffer holds at DENOISED positions never reaches the result
-        assert torch.equal(sample(torch.where(context[:, None], x, 100.0)), out)
+        assert torch.equal(sample(torch.where(context[:, None], x, 100.0), scale), out)
 
 
 def test_conditioning_is_the_per_token_sum():
