@@ -19,7 +19,7 @@ import argparse
 import math
 import os
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from fractions import Fraction
 
 import numpy as np
@@ -236,36 +236,37 @@ def figures(steps, tokens_per_frame, start, end, num_clipped=0, dense=False, sam
                 rollout_steps=rollout_steps, nfe=rollout_steps * sampling_steps)
 
 
-PRESETS = {  # CONTRACTS.md: equal tokens per step within a preset; start/end: evaluation frames
-    "paper": dict(tokens_per_frame=256, frames_per_level=[3, 12, 48, 192], extra_budget=768, num_denoised=3,
-                  context_frames=[3, 12, 48, 192], num_frames=14, start=256, end=1024),
-    "toy": dict(tokens_per_frame=64, frames_per_level=[1, 4, 16, 64], extra_budget=64, num_denoised=1,
-                context_frames=[1, 4, 16, 64], num_frames=5, start=128, end=384),
-    "tiny": dict(tokens_per_frame=16, frames_per_level=[1, 4, 16], extra_budget=16, num_denoised=1,
-                 context_frames=[1, 4, 16], num_frames=4, start=32, end=96),
-}
+# Per preset: level-0 tokens per frame T_0 and the evaluated frames [start, end) (CONTRACTS.md). The
+# strategies' own settings live in the video model's config (diffusion.DiTConfig), their one source.
+PRESETS = {"paper": dict(tokens_per_frame=256, start=256, end=1024),
+           "toy": dict(tokens_per_frame=64, start=128, end=384),
+           "tiny": dict(tokens_per_frame=16, start=32, end=96)}
 
 
-def cli_steps(strategy, a):
-    """(steps, num_clipped) of a strategy from the command's settings `a` (a preset plus overrides)."""
-    if strategy == "millivid":
-        return millivid_steps(a["frames_per_level"], a["extra_budget"], a["tokens_per_frame"]), 0
-    elif strategy == "framepack":
-        return framepack_steps(a["num_denoised"], a["context_frames"]), 0
-    elif strategy == "framepack-mirrored":  # default: the targets mirror the context exactly (§5 Q3)
-        D = a.get("denoised_frames") or a["context_frames"]
-        return framepack_mirrored_steps(D, a["context_frames"]), sum(D) - D[0]
-    elif strategy == "fullres":
-        return baseline_steps(a["num_frames"]), 0
-    return rollout_upscale_steps(a.get("base_frames") or 2, a.get("levels") or len(a["frames_per_level"])), 0
+def strategy_steps(cfg, tokens_per_frame):
+    """(steps, num_clipped) of the strategy a video model's config names (DiTConfig's fields strategy,
+    frames_per_level, extra_budget, framepack_*, fullres_frames, upscale_frames, levels)."""
+    if cfg.strategy == "millivid":
+        return millivid_steps(cfg.frames_per_level, cfg.extra_budget, tokens_per_frame), 0
+    if cfg.strategy in ("framepack", "framepack_hier"):  # dense paper baseline / hierarchical: one selection
+        return framepack_steps(cfg.framepack_denoised, cfg.framepack_context), 0
+    if cfg.strategy == "framepack_mirrored":  # only the first D_0 frames are kept (§5 Q3)
+        D = cfg.framepack_mirrored
+        return framepack_mirrored_steps(D, cfg.framepack_context), sum(D) - D[0]
+    if cfg.strategy == "fullres":
+        return baseline_steps(cfg.fullres_frames), 0
+    if cfg.strategy == "upscale":
+        return rollout_upscale_steps(cfg.upscale_frames, cfg.levels), 0
+    raise ValueError(f"strategy={cfg.strategy!r}: expected millivid, framepack, framepack_hier, "
+                     "framepack_mirrored, fullres or upscale")
 
 
-def cost_table(a, sampling_steps=50):
+def cost_table(cfg, tokens_per_frame, start, end, sampling_steps=50):
     """App. A.3 at equal budget: MilliVid, FramePack (dense, the paper's baseline), full resolution."""
-    start, end, rows, fig = a["start"], a["end"], [], {}
-    for name, dense in (("millivid", False), ("framepack", True), ("fullres", False)):
-        steps, clipped = cli_steps(name, a)
-        f = fig[name] = figures(steps, a["tokens_per_frame"], start, end, clipped, dense, sampling_steps)
+    rows, fig = [], {}
+    for name in ("millivid", "framepack", "fullres"):
+        steps, clipped = strategy_steps(replace(cfg, strategy=name), tokens_per_frame)
+        f = fig[name] = figures(steps, tokens_per_frame, start, end, clipped, name == "framepack", sampling_steps)
         rows.append(f"{name:<11}{f['tokens']:>7}{f['chunk_frames']:>8}{f['first_denoised']:>5}{f['new_frames']:>10}"
                     f"{f['steps_per_chunk']:>12}{len(f['chunk_starts']):>7}{f['rollout_steps']:>14}{f['nfe']:>8}")
     m, p = fig["millivid"], fig["framepack"]
@@ -361,11 +362,11 @@ def main(argv=None):
     arg("--tokens", type=int, dest="tokens_per_frame", help="T_0, level-0 tokens per frame")
     arg("--frames-per-level", type=int, nargs="+", help="MilliVid W_l, finest first")
     arg("--extra-budget", type=int, help="MilliVid extra context tokens of the target level")
-    arg("--num-denoised", type=int, help="FramePack d")
-    arg("--context-frames", type=int, nargs="+", help="FramePack K_l, finest first")
-    arg("--denoised-frames", type=int, nargs="+", help="mirrored FramePack D_l (default: K_l)")
-    arg("--num-frames", type=int, help="full-resolution rollout n")
-    arg("--base-frames", type=int, help="rollout + upscale B (default 2)")
+    arg("--num-denoised", type=int, dest="framepack_denoised", help="FramePack d")
+    arg("--context-frames", type=int, nargs="+", dest="framepack_context", help="FramePack K_l, finest first")
+    arg("--denoised-frames", type=int, nargs="+", dest="framepack_mirrored", help="mirrored FramePack D_l")
+    arg("--num-frames", type=int, dest="fullres_frames", help="full-resolution rollout n")
+    arg("--base-frames", type=int, dest="upscale_frames", help="rollout + upscale B")
     arg("--levels", type=int, help="rollout + upscale levels (default: as many as --frames-per-level)")
     arg("--start", type=int, help="first generated frame")
     arg("--end", type=int, help="frames of the video")
@@ -375,12 +376,19 @@ def main(argv=None):
     arg("--image", help="show: write every step into one PNG (Fig. 10)")
     arg("--gif", help="show: write the steps as an animated GIF")
     args = parser.parse_args(argv)
-    a = {**PRESETS[args.preset], **{k: v for k, v in vars(args).items() if v is not None}}
+    import diffusion  # the strategies' settings are the video model's config (one source of truth)
+    given = {k: tuple(v) if isinstance(v, list) else v for k, v in vars(args).items() if v is not None}
+    a = {**PRESETS[args.preset], **given}
+    if args.frames_per_level and not args.levels:
+        given["levels"] = len(args.frames_per_level)
+    fields = {k: v for k, v in given.items() if k in diffusion.DiTConfig.__dataclass_fields__}
+    fields["strategy"] = args.strategy.replace("-", "_")
     try:
-        if args.command == "cost":
-            return print(cost_table(a, args.sampling_steps), end="")
-        steps, clipped = cli_steps(args.strategy, a)
+        cfg = replace(diffusion.dit_config(args.preset), **fields)
         T0 = a["tokens_per_frame"]
+        if args.command == "cost":
+            return print(cost_table(cfg, T0, a["start"], a["end"], args.sampling_steps), end="")
+        steps, clipped = strategy_steps(cfg, T0)
         print(format_steps(steps, T0, args.dense), end="")
         if args.figures:
             f = figures(steps, T0, a["start"], a["end"], clipped, args.dense, args.sampling_steps)
@@ -399,6 +407,58 @@ def main(argv=None):
     for path, gif in ((args.image, False), (args.gif, True)):
         if path:
             save_picture(draw_steps(steps, a["tokens_per_frame"], args.dense), path, gif)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Generation: the chunked rollout of a batch of videos (§3.2, App. A.2 "Inference Details")
+
+def token_index(layout, grids, num_frames, dense=False):
+    """Where a step's tokens live in latents of `num_frames` frames flattened level-major
+    ([level 0: frame-major, row-major tokens], [level 1: ...], ...): returns (index, per_frame), and a
+    chunk starting at frame s reads `index + s * per_frame`. The dense FramePack model reads level 0 only."""
+    level = np.zeros_like(layout["level"]) if dense else layout["level"]
+    grids = grids[:1] if dense else grids
+    tokens, width = np.array([h * w for h, w in grids]), np.array([w for _, w in grids])  # T_l, w_l
+    offset = np.concatenate([[0], np.cumsum(tokens * num_frames)])  # where each level's block starts
+    index = offset[level] + layout["frame"] * tokens[level] + layout["row"] * width[level] + layout["col"]
+    return index, tokens[level]
+
+
+def generate(model, steps, latents, actions, start, end, grids, *, dense=False, num_clipped=0,
+             sampling_steps=50, cfg_scale=1.0, generator=None):
+    """Roll a batch of videos out from ground-truth context, all in lockstep (spec/diffusion.md).
+
+    latents: per level (B, F, T_l, C) ground truth, of which only frames < start are read;
+    actions: (B, F) long. Returns per level (B, F', T_l, C) with F' >= end: frames [start, end) are
+    generated, frames past `end` come from an overshooting last chunk (padding, never scored)."""
+    import torch
+    from diffusion import ddim_sample  # imported here: diffusion.py imports this file
+    num_levels = 1 if dense else len(steps[0].selection)
+    chunk_starts, frames = schedule(steps, start, end, num_clipped)
+    B, device = actions.shape[0], actions.device
+    with torch.no_grad():
+        # the buffer: ground-truth context, zeros where nothing has been generated yet
+        buffer = torch.cat([torch.cat([z[:, :start], z.new_zeros(B, frames - start, *z.shape[2:])], 1)
+                            .flatten(1, 2) for z in latents[:num_levels]], 1)  # (B, sum_l F'·T_l, C)
+        # past the video's end the last action simply continues (those frames are padding)
+        actions = torch.cat([actions[:, :frames], actions[:, -1:].expand(B, max(0, frames - actions.shape[1]))], 1)
+        plans = []
+        for step in steps:
+            layout = step_layout(step.selection, grids, dense)
+            index, per_frame = token_index(layout, grids, frames, dense)
+            plans.append(({k: torch.from_numpy(v).to(device) for k, v in layout.items()},
+                          torch.from_numpy(index).to(device), torch.from_numpy(per_frame).to(device)))
+        for s in chunk_starts:
+            for layout, index, per_frame in plans:
+                where = index + s * per_frame  # (T,) this step's tokens in the buffer
+                frame = layout["frame"] + s    # global frame index; the model makes frames relative
+                x = ddim_sample(model, buffer[:, where], layout["role"], frame, layout["level"], layout["row"],
+                                layout["col"], actions[:, frame], steps=sampling_steps, cfg_scale=cfg_scale,
+                                generator=generator)
+                new = layout["role"] == DENOISED
+                buffer[:, where[new]] = x[:, new].to(buffer.dtype)  # write back by (frame, level, row, col)
+        sizes = [frames * h * w for h, w in grids[:num_levels]]
+        return [z.unflatten(1, (frames, -1)) for z in buffer.split(sizes, 1)]  # per level (B, F', T_l, C)
 
 
 if __name__ == "__main__":

@@ -244,14 +244,20 @@ def train(stage, cfg, run, preset):
     else:
         with open(os.path.join(run.data, "meta.json")) as f:
             meta = json.load(f)  # written by the encode stage: grids, channels, the AE config
-        steps = strategy_steps(cfg, meta)
+        grids = meta["grids"]
+        steps, _ = rollout.strategy_steps(cfg, grids[0][0] * grids[0][1])
         chunk = steps[0].selection.shape[1]
-        levels = [0] if cfg.strategy == "framepack" else None  # dense FramePack reads level 0 only
+        levels = [0] if cfg.dense_framepack else list(range(len(steps[0].selection)))  # what a step reads
+        if len(levels) > len(grids):
+            raise SystemExit(f"--strategy={cfg.strategy} needs {len(levels)} levels; {run.data} has {len(grids)}")
         dataset = data.ChunkDataset(run.data, train_keys, chunk, levels=levels)
         model = diffusion.VideoDiT(cfg)
         objective = model
         probs = torch.tensor(rollout.step_probabilities(steps), dtype=torch.float64)
-        gathers = [step_gather(s, meta, dense=cfg.strategy == "framepack") for s in steps]
+        gathers = [step_gather(s, grids, chunk, cfg.dense_framepack) for s in steps]
+        if len({len(g["index"]) for g in gathers}) > 1:
+            raise SystemExit(f"--strategy={cfg.strategy}: its steps differ in token count, so they cannot "
+                             "be stacked into one batch; choose budgets that make them equal (rollout.md)")
     model.to(device)
     if master:
         print(f"{stage}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, "
@@ -292,8 +298,7 @@ def train(stage, cfg, run, preset):
                 loss, stats = wrapped(batch.to(device, non_blocking=True))
             else:
                 inputs = video_inputs(batch, gathers, probs, device)
-                loss = diffusion.loss(wrapped, **inputs, cfg_drop=cfg.cfg_dropout,
-                                      keep_actions=cfg.strategy == "framepack")
+                loss = diffusion.loss(wrapped, **inputs, cfg_drop=cfg.cfg_dropout)
                 stats = {}
         for opt in optimizers:
             opt.zero_grad(set_to_none=True)
@@ -327,41 +332,12 @@ def train(stage, cfg, run, preset):
 # ----------------------------------------------------------------------------- video-stage batches
 
 
-def strategy_steps(cfg, meta):
-    """The rollout steps a video model is trained on (and later generates with), from its config."""
-    grids = meta["grids"]
-    tokens = grids[0][0] * grids[0][1]
-    if cfg.strategy == "millivid":
-        steps = rollout.millivid_steps(list(cfg.frames_per_level), cfg.extra_budget, tokens)
-    elif cfg.strategy in ("framepack", "framepack_hier"):  # dense (paper baseline) / on hierarchical latents
-        steps = rollout.framepack_steps(cfg.framepack_denoised, list(cfg.framepack_context))
-    elif cfg.strategy == "framepack_mirrored":
-        steps = rollout.framepack_mirrored_steps(list(cfg.framepack_mirrored), list(cfg.framepack_context))
-    elif cfg.strategy == "fullres":
-        steps = rollout.baseline_steps(cfg.fullres_frames)
-    elif cfg.strategy == "upscale":
-        steps = rollout.rollout_upscale_steps(cfg.upscale_frames, len(grids))
-    else:
-        raise SystemExit(f"--strategy={cfg.strategy}: expected millivid, framepack, fullres, "
-                         "framepack_hier, framepack_mirrored or upscale")
-    if steps[0].selection.shape[0] > len(grids) and cfg.strategy != "fullres":
-        raise SystemExit(f"--strategy={cfg.strategy} uses {steps[0].selection.shape[0]} levels but the "
-                         f"latent store has {len(grids)}")
-    return steps
-
-
-def step_gather(step, meta, dense):
-    """Token layout of one step plus, per token, its index into a chunk's latents flattened as
-    [level 0 frames..., level 1 frames..., ...] (only level 0 for the dense FramePack model)."""
-    grids, chunk = meta["grids"], step.selection.shape[1]
+def step_gather(step, grids, chunk, dense):
+    """A step's token layout plus, per token, its index into the chunk's latents flattened level-major
+    (only level 0 for the dense FramePack model): rollout.token_index with the chunk at frame 0."""
     layout = rollout.step_layout(step.selection, grids, dense=dense)
-    src = np.zeros_like(layout["level"]) if dense else layout["level"]  # which latent level feeds a token
-    per_frame = np.array([h * w for h, w in grids])
-    offset = np.concatenate([[0], np.cumsum(per_frame * chunk)])[:-1]
-    width = np.array([w for _, w in grids])
-    # index = start of the level's block + frame * tokens per frame + row-major position in the grid
-    index = offset[src] + layout["frame"] * per_frame[src] + layout["row"] * width[src] + layout["col"]
-    return {k: torch.from_numpy(np.asarray(v, dtype=np.int64)) for k, v in {**layout, "index": index}.items()}
+    index, _ = rollout.token_index(layout, grids, chunk, dense)
+    return {k: torch.from_numpy(v) for k, v in {**layout, "index": index}.items()}
 
 
 def video_inputs(batch, gathers, probs, device):
@@ -381,11 +357,13 @@ def video_inputs(batch, gathers, probs, device):
 
 @torch.no_grad()
 def save_reconstructions(model, frames_dir, keys, path, device, count=4):
-    """Fig. 5-style image: each row one frame; ground truth, then the level-0 output decoded from
-    each single level (finest to coarsest)."""
+    """Fig. 5-style image: each row one frame (spread over the held-out videos); ground truth, then
+    the level-0 output decoded from each single level (finest to coarsest)."""
     from PIL import Image
 
-    frames = [data.read_frames(frames_dir, key, 0, 1)[0] for key in keys[:count]]
+    index = data.load_index(frames_dir)
+    picks = [(keys[i % len(keys)], i * index[keys[i % len(keys)]] // count) for i in range(count)]
+    frames = [data.read_frames(frames_dir, key, f, f + 1)[0] for key, f in picks]
     x = torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2).float().div(255).to(device)
     was_training = model.training
     model.eval()

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from fractions import Fraction
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -135,14 +137,16 @@ def test_fullres_rollout():
 @pytest.mark.parametrize("preset, T0, tok, N, D0, new", [("toy", 64, 320, 149, 85, 64), ("tiny", 16, 64, 37, 21, 16)])
 def test_toy_and_tiny_budgets(preset, T0, tok, N, D0, new):
     """CONTRACTS.md: within a preset MilliVid, dense FramePack and full-res rollout have equal budgets."""
-    a = rollout.PRESETS[preset]
+    import diffusion
+    a, cfg = rollout.PRESETS[preset], diffusion.dit_config(preset)
     assert a["tokens_per_frame"] == T0
-    steps, _ = rollout.cli_steps("millivid", a)
+    steps, _ = rollout.strategy_steps(cfg, T0)
     f = rollout.figures(steps, T0, a["start"], a["end"])
     assert (f["tokens"], f["chunk_frames"], f["first_denoised"], f["new_frames"]) == (tok, N, D0, new)
     assert f["equal_tokens"] and f["rollout_steps"] == (a["end"] - a["start"]) // new * len(steps)
-    assert tokens(rollout.cli_steps("framepack", a)[0][0], T0, dense=True) == tok
-    assert tokens(rollout.cli_steps("fullres", a)[0][0], T0) == tok
+    dense = rollout.strategy_steps(replace(cfg, strategy="framepack"), T0)[0]
+    assert tokens(dense[0], T0, dense=True) == tok
+    assert tokens(rollout.strategy_steps(replace(cfg, strategy="fullres"), T0)[0][0], T0) == tok
 
 
 def test_rollout_upscale():
