@@ -55,12 +55,9 @@ class EvalConfig:
 
 def eval_config(preset="paper", **overrides):
     """Paper protocol, or the maze presets with the same proportions (CONTRACTS.md preset table)."""
-    presets = {
-        "paper": {},
-        "toy": dict(context=128, total=384, buckets=(21, 85, 256), num_videos=32, batch_size=16),
-        "tiny": dict(context=32, total=96, buckets=(5, 21, 64), num_videos=8, batch_size=4,
-                     sampling_steps=20, num_samples=2),
-    }
+    presets = {"paper": {}, "toy": dict(context=128, total=384, buckets=(21, 85, 256), num_videos=32, batch_size=16),
+               "tiny": dict(context=32, total=96, buckets=(5, 21, 64), num_videos=8, batch_size=4, sampling_steps=20,
+                            num_samples=2)}
     if preset not in presets:
         raise ValueError(f"eval_config: unknown preset {preset!r}, expected one of {sorted(presets)}")
     return dataclasses.replace(EvalConfig(**presets[preset]), **overrides)
@@ -75,8 +72,7 @@ METRICS = {"psnr": ("PSNR", True), "ssim": ("SSIM", True), "lpips": ("LPIPS", Fa
 # §4 metrics whose networks are not in our dependencies and whose weights cannot be downloaded here
 UNAVAILABLE = {
     "dino": "DINOv2 CLS cosine: unavailable (needs weights: DINOv2 ViT-L/14, 252x252 crop; not implemented)",
-    "lightglue": "LightGlue matches: unavailable (needs weights: SuperPoint + LightGlue, matches with "
-                 "confidence > 0.5; not implemented)",
+    "lightglue": "LightGlue matches: unavailable (needs weights: SuperPoint + LightGlue; not implemented)",
     "fid": "FID: unavailable (needs weights: Inception-v3 pool features; not implemented)",
     "fvd": "FVD: unavailable (needs weights: I3D on 16-frame clips; not implemented)",
 }
@@ -114,13 +110,6 @@ def psnr(x, y, device=None):
     return (10 * torch.log10(1 / mse.clamp_min(10 ** (-PSNR_CAP / 10)))).cpu().numpy()
 
 
-def gaussian_window(size=11, sigma=1.5):
-    """The 1-D SSIM window (Wang et al. 2004): a sampled Gaussian normalised to sum 1."""
-    i = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
-    g = torch.exp(-i**2 / (2 * sigma**2))
-    return g / g.sum()
-
-
 def ssim(x, y, device=None, size=11, sigma=1.5, K1=0.01, K2=0.03):
     """Per-frame SSIM -> np.float64 (N,): SSIM map per channel over 'valid' window positions (as in
     Wang et al.'s reference code: no padding), averaged over positions and then over R, G, B.
@@ -128,7 +117,9 @@ def ssim(x, y, device=None, size=11, sigma=1.5, K1=0.01, K2=0.03):
     x, y = _pair(x, y, device, torch.float64)
     if min(x.shape[-2:]) < size:
         raise ValueError(f"ssim: frames of {tuple(x.shape[-2:])} are smaller than the {size}-pixel window")
-    g = gaussian_window(size, sigma).to(x)
+    i = torch.arange(size, dtype=torch.float64, device=x.device) - (size - 1) / 2
+    g = torch.exp(-i**2 / (2 * sigma**2))
+    g = g / g.sum()  # the sampled Gaussian window of Wang et al. (2004), normalised to sum 1
     gh, gv = g.view(1, 1, 1, size).repeat(3, 1, 1, 1), g.view(1, 1, size, 1).repeat(3, 1, 1, 1)
 
     def blur(z):  # separable Gaussian mean per channel: (N, 3, H, W) -> (N, 3, H-10, W-10)
@@ -226,14 +217,9 @@ def bucket_name(bucket):
     return f"{bucket[0]}-{bucket[1]}"
 
 
-def curve(per_frame):
-    """(V, K) values of V videos at generated offsets 1..K -> (K,) mean over videos (a Fig. 4 curve)."""
-    return np.asarray(per_frame, dtype=np.float64).mean(0)
-
-
 def bucket_means(per_frame, buckets):
     """(V, K) per-frame values -> [mean over the bucket's offsets of the per-offset video mean]."""
-    c = curve(per_frame)
+    c = np.asarray(per_frame, np.float64).mean(0)  # (K,) the Fig. 4 curve: mean over videos per offset
     return [float(c[first - 1:last].mean()) for first, last in buckets]
 
 
@@ -241,14 +227,12 @@ def bucket_means(per_frame, buckets):
 
 
 def derangement(n, seed=0):
-    """Deterministic pairing video i -> video perm[i] with perm[i] != i (the random-latents row).
-    Sattolo's algorithm draws a uniformly random n-cycle, and a single cycle has no fixed point."""
+    """Deterministic pairing video i -> video perm[i] with perm[i] != i (the random-latents row): a seeded
+    shuffle read as one n-cycle (each video paired with the next in shuffled order) has no fixed point."""
     if n < 2:
         raise ValueError(f"derangement: the random-latents row needs at least 2 test videos, got {n}")
-    rng, perm = np.random.default_rng(seed), np.arange(n)
-    for i in range(n - 1, 0, -1):
-        j = rng.integers(0, i)  # j < i (plain Fisher-Yates would allow j = i)
-        perm[i], perm[j] = perm[j], perm[i]
+    order, perm = np.random.default_rng(seed).permutation(n), np.empty(n, dtype=np.int64)
+    perm[order] = np.roll(order, -1)
     return perm
 
 
@@ -259,13 +243,6 @@ def decode_frames(decode, z, level=0, device=None, chunk=64):
     z = (torch.from_numpy(np.asarray(z, dtype=np.float32)) if isinstance(z, np.ndarray) else z.float()).to(device)
     with torch.no_grad():
         return np.concatenate([to_uint8(decode(z[i:i + chunk], level)) for i in range(0, len(z), chunk)])
-
-
-def reference_frames(z0, z0_partner, decode, device=None):
-    """The two reference rows for one video, from level-0 latents (K, T_0, C) of its generated frames:
-    its own latents decoded (upper bound) and its partner video's latents at the same frame indices."""
-    return {"ground-truth latents": decode_frames(decode, z0, 0, device),
-            "random latents": decode_frames(decode, z0_partner, 0, device)}
 
 
 # ----------------------------------------------------------------------------- results and report
@@ -359,10 +336,8 @@ def results_markdown(summary):
             f"each bucket. PSNR of identical frames is capped at {PSNR_CAP:g} dB.", ""]
     text += lines + ["", "## Not measured", ""]
     text += [f"- {why}" for why in summary["unavailable"].values()] or ["- (everything was measured)"]
-    text += ["", "## Files", "", "- `results.json`: this table; `per_frame.csv`: the values behind it",
-             "- `consistency.png`: each metric against generated-frame offset (Fig. 4)",
-             "- `videos/`: ground truth | each model, context dimmed, with the trajectory map (Fig. 3)",
-             "- `plans/`: what each latent level decodes to on its own, per hierarchical model", "",
+    text += ["", "Beside this file: `results.json`, `per_frame.csv`, `consistency.png` (Fig. 4), `videos/` "
+             "(Fig. 3) and `plans/` (each level decoded alone).", "",
              "Configuration: " + ", ".join(f"{k}={v}" for k, v in summary["config"].items()), ""]
     return "\n".join(text)
 
@@ -394,7 +369,7 @@ def plot_curves(path, results):
     for ax, m in zip(axes[0], metrics):
         for r in results.rows:
             if m in r.per_frame:
-                c = curve(r.per_frame[m])
+                c = np.asarray(r.per_frame[m], np.float64).mean(0)  # mean over videos per offset
                 ax.plot(np.arange(1, len(c) + 1), c, label=r.name, ls="--" if r.reference else "-", lw=1.2)
         for _, last in results.buckets[:-1]:
             ax.axvline(last, color="0.7", lw=0.8, ls=":")
@@ -420,10 +395,8 @@ def _tile(img, size, label, dim):
     return np.asarray(canvas)
 
 
-def _display_size(frame, display):
-    h, w = frame.shape[:2]
-    s = max(1, math.ceil(display / h))  # integer nearest-neighbour upscaling keeps pixels honest
-    return w * s, h * s
+def _display_size(frame, display):  # integer nearest-neighbour upscaling keeps pixels honest
+    return tuple(n * max(1, math.ceil(display / frame.shape[0])) for n in frame.shape[1::-1])  # (w, h)
 
 
 def side_by_side_frames(sample, context, display=128):
@@ -489,7 +462,7 @@ def report(out_dir, results, video_ext=".mp4"):
 
 @dataclass
 class Video:
-    """One test video as the protocol needs it (`load_video` reads it from the data.py stores)."""
+    """One test video as the protocol needs it (`evaluate` reads it from the data.py stores)."""
     frames: np.ndarray                 # np.uint8 (F, H, W, 3) ground truth
     latents: list                      # per level (F, T_l, C) encoded ground truth
     actions: np.ndarray                # int (F,): 0 forward, 1 left, 2 right
@@ -531,7 +504,7 @@ def evaluate_videos(cfg, keys, load, decode, models, palette=None, lpips_net=Non
                    for l in range(len(videos[0].latents))]  # per level (B, F, T_l, C)
         for z in visible:
             z[:, c:] = 0
-        actions = torch.from_numpy(np.stack([np.asarray(v.actions[:n]) for v in videos])).long().to(device)  # (B, F)
+        actions = torch.from_numpy(np.stack([v.actions[:n] for v in videos])).long().to(device)  # (B, F)
         out = {}
         for m in models:
             t0 = time.perf_counter()
@@ -545,7 +518,10 @@ def evaluate_videos(cfg, keys, load, decode, models, palette=None, lpips_net=Non
         for b, (i, v) in enumerate(zip(batch, videos)):
             truth = v.frames[c:n]
             frames = {name: decode_frames(decode, z[0][b, c:n], 0, device) for name, z in out.items()}
-            frames |= reference_frames(v.latents[0][c:n], load(keys[partner[i]]).latents[0][c:n], decode, device)
+            # reference rows: the video's own latents decoded (upper bound), and its partner video's
+            # latents at the same frame indices (real frames, no consistency: a lower bound)
+            frames["ground-truth latents"] = decode_frames(decode, v.latents[0][c:n], 0, device)
+            frames["random latents"] = decode_frames(decode, load(keys[partner[i]]).latents[0][c:n], 0, device)
             for name, f in frames.items():
                 for metric, x in frame_metrics(f, truth, palette, lpips_net, device).items():
                     values[name].setdefault(metric, []).append(x)
@@ -567,28 +543,58 @@ def evaluate_videos(cfg, keys, load, decode, models, palette=None, lpips_net=Non
     return Results(rows, c, buckets, samples, why, dataclasses.asdict(cfg), cfg.fps)
 
 
-def load_video(frames_dir, latents_dir, key, levels, total):
-    """A test video from the data.py stores (CONTRACTS.md): frames, every level's latents, actions, map data."""
-    import data
-    poses = data.read_actions(frames_dir, key)[:total]  # (F, 6): action id, x, y, z, yaw, pitch
-    return Video(data.read_frames(frames_dir, key, 0, total),
-                 [data.read_latents(latents_dir, key, l, 0, total) for l in range(levels)],
-                 poses[:, 0].astype(np.int64), poses, data.load_world(frames_dir, key))
-
-
 def evaluate(cfg):
-    """Round 2: the whole job from a pipeline folder. Reads the test split ({root}/data/test,
-    {root}/latents/test), rebuilds the autoencoder ({root}/ae) and each model in cfg.models
-    ({root}/video-<name>) from their checkpoints, wraps rollout.py's generation loop as Model.generate
-    (sampling_steps, cfg_scale) with its cost, then evaluate_videos(...) and report(cfg.out or
-    {root}/eval, results). Returns the path of results.md."""
-    raise NotImplementedError("evaluate(cfg): needs rollout.py's generation loop (round 2); "
-                              "evaluate_videos + report already do the rest")
+    """The whole protocol on a pipeline folder (what `train.py --stage all` writes): the test split
+    ({root}/data/test, {root}/latents/test), the autoencoder ({root}/ae) and every model in cfg.models
+    ({root}/video-<name>) rebuilt from their checkpoints alone. Returns the path of results.md."""
+    import data, rollout
+    from train import git_commit, load_model
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    frames_dir, latents_dir = f"{cfg.root}/data/test", f"{cfg.root}/latents/test"
+    ae = load_model(f"{cfg.root}/ae", device)
+    grids, T0 = [list(g) for g in ae.grids], ae.grids[0][0] * ae.grids[0][1]
+
+    def decode(z, level):  # one level on its own, every other level zeroed (§3.1); level-0 image out
+        with autocast:
+            return ae.decode([z if l == level else None for l in range(len(grids))], level)[0].float()
+
+    def load(key):  # a test video from the data.py stores: frames, every level's latents, actions, map data
+        poses = data.read_actions(frames_dir, key)[:cfg.total]  # (F, 6): action id, x, y, z, yaw, pitch
+        return Video(data.read_frames(frames_dir, key, 0, cfg.total),
+                     [data.read_latents(latents_dir, key, l, 0, cfg.total) for l in range(len(grids))],
+                     poses[:, 0].astype(np.int64), poses, data.load_world(frames_dir, key))
+
+    def rollout_of(net, steps, clipped):  # Model.generate: rollout.py's loop, the same noise for every model
+        def generate(latents, actions):
+            with autocast:
+                return rollout.generate(net, steps, latents, actions, cfg.context, cfg.total, grids,
+                                        dense=net.cfg.dense_framepack, num_clipped=clipped,
+                                        sampling_steps=cfg.sampling_steps, cfg_scale=cfg.cfg_scale,
+                                        generator=torch.Generator(device).manual_seed(cfg.seed))
+        return generate
+
+    models = []
+    for name in cfg.models:
+        net = load_model(f"{cfg.root}/video-{name}", device)
+        steps, clipped = rollout.strategy_steps(net.cfg, T0)
+        cost = rollout.figures(steps, T0, cfg.context, cfg.total, clipped, net.cfg.dense_framepack, cfg.sampling_steps)
+        models.append(Model(name, rollout_of(net, steps, clipped), cost["rollout_steps"],
+                            cost["nfe"] * (1 if cfg.cfg_scale == 1 else 2)))  # CFG doubles the evaluations
+    lpips_net, why = lpips_alex() if cfg.lpips else (None, "LPIPS: switched off (--lpips=false)")
+    with open(os.path.join(frames_dir, "meta.json")) as f:
+        palette = data.PALETTE if json.load(f).get("source") == "maze" else None
+    keys = sorted(data.load_index(frames_dir))[:cfg.num_videos]
+    results = evaluate_videos(cfg, keys, load, decode, models, palette, lpips_net, data.draw_map,
+                              {"lpips": why} if why else None, device)
+    results.config["git_commit"] = git_commit()
+    return report(cfg.out or f"{cfg.root}/eval", results)
 
 
-def run_pipeline(preset, root, overrides):
-    """Called by `train.py --stage all`: the preset's EvalConfig, strict --eval.key=value overrides, evaluate."""
-    from train import apply_overrides
-    cfg = eval_config(preset, root=root)
-    apply_overrides([cfg], dict(overrides))
-    return evaluate(cfg)
+if __name__ == "__main__":  # python evaluate.py --preset toy [--root=runs/toy] [--key=value ...]
+    import sys
+    from train import apply_overrides, parse_args
+    _, preset, overrides = parse_args(["--stage", "all", *sys.argv[1:]])
+    cfg = eval_config(preset, root=f"runs/{preset}")
+    apply_overrides([cfg], overrides)
+    print(evaluate(cfg))

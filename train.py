@@ -179,6 +179,20 @@ def latest_checkpoint(folder):
     return paths[-1] if paths else None
 
 
+def load_model(path, device="cpu"):
+    """Rebuild a trained model from a checkpoint file (or a run folder's newest) alone: the resolved
+    config stored in it says which model and how big. Returned in eval mode on `device`."""
+    file = latest_checkpoint(path) if os.path.isdir(path) else path
+    if not file or not os.path.isfile(file):
+        raise SystemExit(f"no checkpoint at {path}: train that stage first (python train.py --stage ...)")
+    ckpt = torch.load(file, map_location="cpu", weights_only=False)
+    stage, fields = ckpt["config"]["stage"], ckpt["config"]["model"]
+    model = tokenizer.HierarchicalAutoencoder(tokenizer.AEConfig(**fields)) if stage == "ae" else \
+        diffusion.VideoDiT(diffusion.DiTConfig(**fields))
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval()
+
+
 class StepBatches(torch.utils.data.Sampler):
     """Batches of dataset indices as a pure function of the step: epoch e is a seeded permutation,
     step s takes global batch s mod (batches per epoch), and each rank takes its slice of it.
@@ -379,11 +393,8 @@ def encode_store(ae_ckpt, frames_dir, out_dir, batch_size=256):
     """Encode every frame of every video to all levels and write the latent store (stage "encode").
     Videos are split across ranks; a video whose latents are complete is skipped (resumable)."""
     rank, world, device = setup()
-    ckpt = torch.load(ae_ckpt, map_location="cpu", weights_only=False)
-    cfg = tokenizer.AEConfig(**ckpt["config"]["model"])
-    model = tokenizer.HierarchicalAutoencoder(cfg)
-    model.load_state_dict(ckpt["model"])
-    model.to(device).eval()
+    model = load_model(ae_ckpt, device)
+    cfg = model.cfg
     index = data.load_index(frames_dir)
     os.makedirs(out_dir, exist_ok=True)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
@@ -407,7 +418,7 @@ def encode_store(ae_ckpt, frames_dir, out_dir, batch_size=256):
     if rank == 0:
         meta = {"levels": len(model.grids), "grids": [list(g) for g in model.grids],
                 "channels": cfg.channels, "frames_dir": os.path.abspath(frames_dir),
-                "ae_checkpoint": os.path.abspath(ae_ckpt), "ae_config": ckpt["config"]["model"],
+                "ae_checkpoint": os.path.abspath(ae_ckpt), "ae_config": dataclasses.asdict(cfg),
                 "git_commit": git_commit()}
         write_json(os.path.join(out_dir, "meta.json"), meta)
         write_json(os.path.join(out_dir, "index.json"), index)
@@ -474,8 +485,9 @@ def run_all(preset, overrides, root):
         run_stage("video", preset, {"strategy": strategy, **stage_overrides(overrides, "video")}, root)
     if rank == 0:
         import evaluate
-        report = evaluate.run_pipeline(preset, root, stage_overrides(overrides, "eval"))
-        print(f"report: {report}")
+        cfg = evaluate.eval_config(preset, root=root)
+        apply_overrides([cfg], stage_overrides(overrides, "eval"))
+        print(f"report: {evaluate.evaluate(cfg)}")
 
 
 def main(argv):

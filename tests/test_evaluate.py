@@ -60,6 +60,12 @@ def test_ssim_of_constant_images_matches_closed_form():
         np.testing.assert_allclose(ev.ssim(x, y), [(2 * a * b + C1) / (a * a + b * b + C1)], atol=1e-6)
 
 
+def gaussian_window(size=11, sigma=1.5):  # written out here, independent of evaluate.py's
+    i = np.arange(size) - (size - 1) / 2
+    g = np.exp(-i**2 / (2 * sigma**2))
+    return g / g.sum()
+
+
 def test_ssim_of_a_constant_offset_matches_closed_form():
     """x = a ± d checkerboard, y = x + c. With separable weights the local mean at output (p, q) is
     μ = a + d (-1)^(p+q) s², s = Σ_i g_i (-1)^i; σx² = σy² = σxy (so the structure term is 1) and
@@ -67,7 +73,7 @@ def test_ssim_of_a_constant_offset_matches_closed_form():
     a, d, c, C1 = 0.5, 0.2, 0.1, 0.01**2
     i, j = np.mgrid[:20, :20]
     x = np.repeat((a + d * (-1.0) ** (i + j))[None, :, :, None], 3, axis=3)  # (1, 20, 20, 3)
-    g = ev.gaussian_window().numpy()
+    g = gaussian_window()
     s2 = (g * (-1.0) ** np.arange(11)).sum() ** 2
     f = [(2 * mu * (mu + c) + C1) / (mu**2 + (mu + c) ** 2 + C1) for mu in (a + d * s2, a - d * s2)]
     np.testing.assert_allclose(ev.ssim(x + c, x), [np.mean(f)], atol=1e-9)
@@ -77,7 +83,7 @@ def test_ssim_matches_direct_window_computation():
     """Brute force in float64: every 11x11 window, weights w_ij = g_i g_j, per channel, averaged."""
     x, y = RNG.random((1, 14, 13, 3)), RNG.random((1, 14, 13, 3))
     y = 0.6 * x + 0.4 * y  # correlated, so every term of SSIM matters
-    g = ev.gaussian_window().numpy()
+    g = gaussian_window()
     w = np.outer(g, g)
     C1, C2, vals = 0.01**2, 0.03**2, []
     for ch in range(3):
@@ -88,7 +94,6 @@ def test_ssim_matches_direct_window_computation():
                 va, vb, cab = (w * (a - ma) ** 2).sum(), (w * (b - mb) ** 2).sum(), (w * (a - ma) * (b - mb)).sum()
                 vals.append((2 * ma * mb + C1) * (2 * cab + C2) / ((ma**2 + mb**2 + C1) * (va + vb + C2)))
     np.testing.assert_allclose(ev.ssim(x, y), [np.mean(vals)], atol=1e-5)
-    assert abs(ev.gaussian_window().sum().item() - 1) < 1e-12
     with pytest.raises(ValueError, match="window"):
         ev.ssim(np.zeros((1, 8, 8, 3)), np.zeros((1, 8, 8, 3)))
 
