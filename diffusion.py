@@ -85,7 +85,7 @@ PRESETS = {
     # tiny: 32x32 frames -> 16/4/1 tokens per level, 64-token steps; CPU tests
     "tiny": dict(depth=2, width=48, heads=2, channels=8, levels=3, frames_per_level=(1, 4, 16),
                  extra_budget=16, framepack_denoised=1, framepack_context=(1, 4, 16),
-                 framepack_mirrored=(1, 4, 16), fullres_frames=4, batch_size=8, steps=200, warmup=20),
+                 framepack_mirrored=(1, 4, 16), fullres_frames=4, batch_size=16, steps=400, warmup=40),
 }
 
 

@@ -74,7 +74,7 @@ PRESETS = {
                 lpips_weight=0.0, batch_size=128, steps=10_000, warmup=500),
     # tiny: 32² frames, patch 8 → 16+4+1 tokens, for CPU tests; no LPIPS (no VGG weights needed).
     "tiny": dict(image_size=32, patch_size=8, levels=3, channels=8, width=64, depth=2, heads=2,
-                 lpips_weight=0.0, batch_size=8, steps=50, warmup=10),
+                 lpips_weight=0.0, batch_size=16, steps=800, warmup=50),
 }
 
 

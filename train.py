@@ -236,7 +236,8 @@ class AEObjective(nn.Module):
 
 
 def train(stage, cfg, run, preset):
-    """One training run (stage "ae" or "video"): config -> setup -> data -> model -> optimizer -> loop."""
+    """One training run (stage "ae" or "video"): config -> setup -> data -> model -> optimizer -> loop.
+    Returns the trained model (the newest checkpoint in run.out holds the same weights)."""
     rank, world, device = setup()
     master = rank == 0
     os.makedirs(run.out, exist_ok=True)
@@ -246,6 +247,7 @@ def train(stage, cfg, run, preset):
         print(json.dumps(resolved, indent=2))
         write_json(os.path.join(run.out, "config.json"), resolved)
 
+    torch.manual_seed(run.seed)  # the same initial weights on every rank and in every (re)start
     # data: single random frames for the autoencoder, (video, chunk start) pairs for the video model
     keys = sorted(data.load_index(run.data))
     train_keys, val_keys = data.split_keys(keys, holdout=run.holdout, seed=run.seed)
@@ -292,7 +294,7 @@ def train(stage, cfg, run, preset):
         if master:
             print(f"resumed from {ckpt_path} at step {step}")
     if step >= cfg.steps:
-        return latest_checkpoint(run.out)
+        return model
 
     sampler = StepBatches(len(dataset), cfg.batch_size, rank, world, run.seed, step, cfg.steps)
     loader = torch.utils.data.DataLoader(
@@ -326,8 +328,8 @@ def train(stage, cfg, run, preset):
 
         if master and (step % run.log_every == 0 or step == cfg.steps):
             dt = time.time() - t0
-            extra = " ".join(f"{k} {v:.4f}" for k, v in stats.items())
-            print(f"step {step:7d} | loss {loss.item():.5f} | {extra} | lr {lr_at(step - 1, cfg.lr, cfg.warmup):.2e}"
+            extra = "".join(f" | {k} {v:.4f}" for k, v in stats.items() if k != "loss")
+            print(f"step {step:7d} | loss {loss.item():.5f}{extra} | lr {lr_at(step - 1, cfg.lr, cfg.warmup):.2e}"
                   f" | grad {grad_norm.item():.3f} | {seen / dt:.1f} {'images' if stage == 'ae' else 'seqs'}/s",
                   flush=True)
             t0, seen = time.time(), 0
@@ -340,7 +342,7 @@ def train(stage, cfg, run, preset):
                                             "config": resolved}, run.keep)
     if world > 1:
         dist.barrier()
-    return latest_checkpoint(run.out)
+    return model
 
 
 # ----------------------------------------------------------------------------- video-stage batches

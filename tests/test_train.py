@@ -1,6 +1,7 @@
 """train.py: strict config overrides, the Muon/AdamW split, warmup, the resumable data stream,
 and the gather that turns a chunk of latents into a rollout step's token sequence."""
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -107,3 +108,87 @@ def test_video_inputs_draw_steps_and_actions():
     assert inputs["x"].shape == (3, 64, 8)  # tiny budget: 64 tokens per step
     assert torch.equal(inputs["action"], inputs["frame"])  # action of each token's own frame
     assert set(inputs["role"].unique().tolist()) == {rollout.CONTEXT, rollout.DENOISED}
+
+
+# ----------------------------------------------------------------------------- whole runs on the tiny preset
+
+import os
+import subprocess
+import sys
+
+import data
+import diffusion
+import tokenizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def frames(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("frames") / "train")
+    data.make_maze(out, data.maze_config("tiny", videos=4, workers=1), "train")
+    return out
+
+
+def quiet_run(out, store, **fields):
+    return train.RunConfig(out=str(out), data=store, workers=0, log_every=10**6, image_every=10**6,
+                           ckpt_every=10**6, holdout=0.25, **fields)
+
+
+def same_parameters(a, b):
+    return all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_autoencoder_resume_is_exact(frames, tmp_path):
+    """N steps, stop, resume for N more == 2N steps straight, bit for bit (CPU)."""
+    cfg = lambda steps: tokenizer.ae_config("tiny", steps=steps, batch_size=4, warmup=3)
+    straight = train.train("ae", cfg(6), quiet_run(tmp_path / "straight", frames), "tiny")
+    train.train("ae", cfg(3), quiet_run(tmp_path / "resumed", frames), "tiny")
+    assert os.path.exists(tmp_path / "resumed" / "ckpt-00000003.pt")
+    resumed = train.train("ae", cfg(6), quiet_run(tmp_path / "resumed", frames), "tiny")
+    assert same_parameters(straight, resumed)
+    first = train.load_model(str(tmp_path / "resumed" / "ckpt-00000003.pt"))
+    assert not same_parameters(first, resumed)  # the resumed run did train on
+
+
+def test_encode_then_video_resume_is_exact(frames, tmp_path):
+    """The encode stage writes every level of every frame; the video stage resumes exactly too."""
+    train.train("ae", tokenizer.ae_config("tiny", steps=2, batch_size=4), quiet_run(tmp_path / "ae", frames), "tiny")
+    train.encode_store(str(tmp_path / "ae"), frames, str(tmp_path / "latents"))
+    meta = json.load(open(tmp_path / "latents" / "meta.json"))
+    assert meta["grids"] == [[4, 4], [2, 2], [1, 1]] and meta["channels"] == 8
+    key = sorted(data.load_index(frames))[0]
+    ae = train.load_model(str(tmp_path / "ae"))
+    x = torch.from_numpy(data.read_frames(frames, key, 5, 7)).permute(0, 3, 1, 2).float() / 255
+    for level, z in enumerate(ae.encode(x)):  # stored latents (float16) are the encoder's output
+        np.testing.assert_allclose(data.read_latents(str(tmp_path / "latents"), key, level, 5, 7), z.detach(),
+                                   atol=2e-3)
+    for strategy in ("millivid", "framepack"):
+        cfg = lambda steps: diffusion.dit_config("tiny", strategy=strategy, steps=steps, batch_size=4, warmup=3)
+        store = str(tmp_path / "latents")
+        straight = train.train("video", cfg(4), quiet_run(tmp_path / f"{strategy}-a", store), "tiny")
+        train.train("video", cfg(2), quiet_run(tmp_path / f"{strategy}-b", store), "tiny")
+        resumed = train.train("video", cfg(4), quiet_run(tmp_path / f"{strategy}-b", store), "tiny")
+        assert same_parameters(straight, resumed)
+
+
+def test_two_process_torchrun_keeps_ranks_identical(frames, tmp_path):
+    """DDP on gloo (CPU): after a few steps both ranks hold the same parameters (and they moved)."""
+    script = tmp_path / "ddp.py"
+    script.write_text(f"""
+import os, sys, torch
+sys.path.insert(0, {ROOT!r})
+import tokenizer, train
+cfg = tokenizer.ae_config("tiny", steps=3, batch_size=2, warmup=1)
+run = train.RunConfig(out={str(tmp_path / 'run')!r}, data={frames!r}, workers=0, holdout=0.25)
+model = train.train("ae", cfg, run, "tiny")
+torch.save(model.state_dict(), {str(tmp_path)!r} + f"/rank{{os.environ['RANK']}}.pt")
+""")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script)], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+    fresh = tokenizer.HierarchicalAutoencoder(tokenizer.ae_config("tiny")).state_dict()
+    assert any(not torch.equal(rank0[k], fresh[k]) for k in rank0 if "weight" in k)
