@@ -429,3 +429,51 @@ class HierarchicalAutoencoder(nn.Module):
     def forward(self, x, level=None, generator=None):
         # calling the model runs the objective, so DistributedDataParallel(model)(x) syncs gradients
         return self.loss(x, level, generator)
+
+
+# ----------------------------------------------------------------------------- inspecting the hierarchy
+
+@torch.no_grad()
+def level_psnr(model, x):
+    """PSNR (dB, on [0, 1]) of the level-0 output decoded from each level alone, and those outputs:
+    what each level keeps of frames x (B, 3, H, W) (§5 Q1, Fig. 5). Returns ([psnr per level], [images])."""
+    z = model.encode(x)
+    images = [model.decode(z, level)[0].clamp(0, 1) for level in range(len(z))]  # (B, 3, H, W) each
+    return [(-10 * torch.log10((im - x).square().mean())).item() for im in images], images
+
+
+def main(argv=None):
+    """python tokenizer.py levels CKPT [CKPT ...] --data DIR [--frames N] [--image FILE]: per checkpoint,
+    the PSNR of each level decoded alone on frames spread over a frame store, and a Fig. 5-style image
+    (per checkpoint a row: ground truth, then levels 0..L-1)."""
+    import argparse
+    import numpy as np
+    from PIL import Image
+    import data
+    from train import load_model
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("command", choices=["levels"])
+    parser.add_argument("checkpoints", nargs="+", help="checkpoint files or autoencoder run folders")
+    parser.add_argument("--data", required=True, help="frame store (e.g. runs/toy/data/test)")
+    parser.add_argument("--frames", type=int, default=256, help="frames scored, spread over the store")
+    parser.add_argument("--image", help="write the Fig. 5-style comparison here (PNG)")
+    args = parser.parse_args(argv)
+    index = data.load_index(args.data)
+    picks = [(key, f) for key in sorted(index) for f in range(0, index[key], max(1, index[key] // 16))]
+    picks = picks[:: max(1, len(picks) // args.frames)][:args.frames]
+    x = torch.from_numpy(np.stack([data.read_frames(args.data, k, f, f + 1)[0] for k, f in picks]))
+    x = x.permute(0, 3, 1, 2).float() / 255  # (N, 3, H, W)
+    rows = []
+    for path in args.checkpoints:
+        model = load_model(path)
+        psnr, images = level_psnr(model, x)
+        print(f"{model.cfg.variant:>12} {path}: " + "  ".join(f"L{l} {p:5.2f} dB" for l, p in enumerate(psnr)))
+        rows.append(torch.cat([x[0]] + [im[0] for im in images], dim=2))  # (3, H, (L+1)·W)
+    if args.image:
+        grid = (torch.cat(rows, dim=1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        Image.fromarray(grid).save(args.image + ".tmp.png")
+        os.replace(args.image + ".tmp.png", args.image)
+
+
+if __name__ == "__main__":
+    main()

@@ -223,18 +223,6 @@ class StepBatches(torch.utils.data.Sampler):
 # ----------------------------------------------------------------------------- the training loop
 
 
-class AEObjective(nn.Module):
-    """DDP only synchronises gradients of computations that go through forward(); the autoencoder's
-    whole objective is `loss`, so forward is that."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x):
-        return self.model.loss(x)
-
-
 def train(stage, cfg, run, preset):
     """One training run (stage "ae" or "video"): config -> setup -> data -> model -> optimizer -> loop.
     Returns the trained model (the newest checkpoint in run.out holds the same weights)."""
@@ -256,7 +244,6 @@ def train(stage, cfg, run, preset):
         model = tokenizer.HierarchicalAutoencoder(cfg)
         if cfg.lpips_weight > 0:
             model.load_lpips()  # fails here, before any work, if the VGG weights are not on disk
-        objective = AEObjective(model)
     else:
         with open(os.path.join(run.data, "meta.json")) as f:
             meta = json.load(f)  # written by the encode stage: grids, channels, the AE config
@@ -268,7 +255,6 @@ def train(stage, cfg, run, preset):
             raise SystemExit(f"--strategy={cfg.strategy} needs {len(levels)} levels; {run.data} has {len(grids)}")
         dataset = data.ChunkDataset(run.data, train_keys, chunk, levels=levels)
         model = diffusion.VideoDiT(cfg)
-        objective = model
         probs = torch.tensor(rollout.step_probabilities(steps), dtype=torch.float64)
         gathers = [step_gather(s, grids, chunk, cfg.dense_framepack) for s in steps]
         if len({len(g["index"]) for g in gathers}) > 1:
@@ -278,8 +264,9 @@ def train(stage, cfg, run, preset):
     if master:
         print(f"{stage}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, "
               f"{len(dataset)} training items, device {device}, world {world}")
-    wrapped = DDP(objective, device_ids=[device.index] if device.type == "cuda" else None) \
-        if world > 1 else objective
+    # DDP only syncs gradients of what runs through forward(): the autoencoder's forward is its loss,
+    # and diffusion.loss calls the wrapped video model
+    wrapped = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
     optimizers = make_optimizers(model, cfg.lr, cfg.weight_decay)
 
     # resume from the newest checkpoint of this run, if any

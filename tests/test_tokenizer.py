@@ -3,7 +3,7 @@ unless a test is about another preset's numbers."""
 import pytest
 import torch
 
-from tokenizer import (AEConfig, HierarchicalAutoencoder, ae_config, box_pyramid, lpips_vgg,
+from tokenizer import (AEConfig, HierarchicalAutoencoder, ae_config, box_pyramid, level_psnr, lpips_vgg, main,
                        mean_pool_tokens, num_params, patchify, pyramid_layout, pyramid_mse, unpatchify)
 
 
@@ -257,3 +257,26 @@ def test_lpips_term_frozen_and_out_of_state_dict():
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
     loss.backward()                                        # the perceptual term reaches the decoder
     assert model.decoder.head.weight.grad.abs().sum() > 0
+
+
+def test_levels_command_scores_each_level_and_writes_the_figure(tmp_path, capsys):
+    """`python tokenizer.py levels`: a PSNR per decoded level that matches a direct computation, and the
+    Fig. 5-style image with one row per checkpoint (ground truth + every level)."""
+    import data
+    import train
+    frames = str(tmp_path / "frames")
+    data.make_maze(frames, data.maze_config("tiny", videos=2, workers=1), "train")
+    cfg = ae_config("tiny", steps=2, batch_size=4)
+    run = train.RunConfig(out=str(tmp_path / "ae"), data=frames, workers=0, holdout=0.5, log_every=10**6,
+                          image_every=10**6)
+    model = train.train("ae", cfg, run, "tiny")
+    image = str(tmp_path / "levels.png")
+    main(["levels", str(tmp_path / "ae"), str(tmp_path / "ae"), "--data", frames, "--frames", "8", "--image", image])
+    printed = capsys.readouterr().out.strip().splitlines()[-1]
+    x = torch.from_numpy(data.read_frames(frames, "000/000", 0, 1)).permute(0, 3, 1, 2).float() / 255
+    psnr, images = level_psnr(model.eval(), x)
+    assert len(psnr) == 3 and "L2" in printed
+    direct = -10 * torch.log10((images[2] - x).square().mean()).item()
+    assert abs(psnr[2] - direct) < 1e-6
+    from PIL import Image
+    assert Image.open(image).size == (4 * 32, 2 * 32)  # (1 + levels) columns, one row per checkpoint
