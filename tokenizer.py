@@ -445,7 +445,7 @@ def level_psnr(model, x):
 def main(argv=None):
     """python tokenizer.py levels CKPT [CKPT ...] --data DIR [--frames N] [--image FILE]: per checkpoint,
     the PSNR of each level decoded alone on frames spread over a frame store, and a Fig. 5-style image
-    (per checkpoint a row: ground truth, then levels 0..L-1)."""
+    (per checkpoint `--show` rows: ground truth, then the frame decoded from levels 0..L-1)."""
     import argparse
     import numpy as np
     from PIL import Image
@@ -457,6 +457,7 @@ def main(argv=None):
     parser.add_argument("--data", required=True, help="frame store (e.g. runs/toy/data/test)")
     parser.add_argument("--frames", type=int, default=256, help="frames scored, spread over the store")
     parser.add_argument("--image", help="write the Fig. 5-style comparison here (PNG)")
+    parser.add_argument("--show", type=int, default=3, help="frames per checkpoint in the image")
     args = parser.parse_args(argv)
     index = data.load_index(args.data)
     picks = [(key, f) for key in sorted(index) for f in range(0, index[key], max(1, index[key] // 16))]
@@ -468,7 +469,8 @@ def main(argv=None):
         model = load_model(path)
         psnr, images = level_psnr(model, x)
         print(f"{model.cfg.variant:>12} {path}: " + "  ".join(f"L{l} {p:5.2f} dB" for l, p in enumerate(psnr)))
-        rows.append(torch.cat([x[0]] + [im[0] for im in images], dim=2))  # (3, H, (L+1)·W)
+        for i in range(0, len(x), max(1, len(x) // args.show))[:args.show]:
+            rows.append(torch.cat([x[i]] + [im[i] for im in images], dim=2))  # (3, H, (L+1)·W)
     if args.image:
         grid = (torch.cat(rows, dim=1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
         Image.fromarray(grid).save(args.image + ".tmp.png")

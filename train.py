@@ -155,7 +155,7 @@ def make_optimizers(model, lr, weight_decay):
     adamw_params = [p for p in model.parameters() if id(p) not in muon_ids]
     muon = torch.optim.Muon(muon_params, lr=lr, weight_decay=weight_decay,
                             adjust_lr_fn="match_rms_adamw")
-    adamw = torch.optim.AdamW(adamw_params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95))
+    adamw = torch.optim.AdamW(adamw_params, lr=lr, weight_decay=weight_decay)
     return [muon, adamw]
 
 

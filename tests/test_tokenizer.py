@@ -271,7 +271,8 @@ def test_levels_command_scores_each_level_and_writes_the_figure(tmp_path, capsys
                           image_every=10**6)
     model = train.train("ae", cfg, run, "tiny")
     image = str(tmp_path / "levels.png")
-    main(["levels", str(tmp_path / "ae"), str(tmp_path / "ae"), "--data", frames, "--frames", "8", "--image", image])
+    main(["levels", str(tmp_path / "ae"), str(tmp_path / "ae"), "--data", frames, "--frames", "8", "--image", image,
+          "--show", "2"])
     printed = capsys.readouterr().out.strip().splitlines()[-1]
     x = torch.from_numpy(data.read_frames(frames, "000/000", 0, 1)).permute(0, 3, 1, 2).float() / 255
     psnr, images = level_psnr(model.eval(), x)
@@ -279,4 +280,4 @@ def test_levels_command_scores_each_level_and_writes_the_figure(tmp_path, capsys
     direct = -10 * torch.log10((images[2] - x).square().mean()).item()
     assert abs(psnr[2] - direct) < 1e-6
     from PIL import Image
-    assert Image.open(image).size == (4 * 32, 2 * 32)  # (1 + levels) columns, one row per checkpoint
+    assert Image.open(image).size == (4 * 32, 4 * 32)  # (1 + levels) columns, 2 rows per checkpoint
