@@ -1,15 +1,13 @@
 """Data: the Loopcraft format, the synthetic maze world, and the random-access stores (paper §4
 "Datasets", App. A.1).
 
-Loopcraft (§4) is 1024-frame Minecraft videos of an agent that runs forward and makes random 90° turns,
-biased to pairs and quartets of turns so it keeps coming back to places it has seen. Its test set
-(App. A.1) keeps action sequences whose late path revisits the context. This file provides
-  * the frame store every stage reads: per video one file of PNG frames behind a uint64 offset table
-    (any frame range readable alone) plus the (frames, 6) pose array [action, x, y, z, yaw, pitch];
-  * `prepare`: the released Loopcraft layout (index.json, NNN/MMM.mp4, NNN/MMM.npy) -> that store;
-  * the maze: Loopcraft's exact actions, random walk and test selection in a ray-cast grid world whose
-    ground truth can be rendered for any path, small enough to train on one GPU;
-  * the latent store written by the encode stage, and the map drawing used by `show` and evaluate.py.
+Loopcraft (§4): 1024-frame Minecraft videos of an agent running forward with random 90° turns, biased
+to pairs and quartets of turns so it keeps coming back; its test set (App. A.1) keeps action sequences
+whose late path revisits the context. Here: the frame store every stage reads (per video, PNG frames
+behind a uint64 offset table, any range readable alone, plus the (frames, 6) poses [action, x, y, z,
+yaw, pitch]); `prepare` (released Loopcraft layout -> that store); the maze (Loopcraft's actions, walk
+and test selection in a ray-cast grid world whose ground truth renders for any path); the latent store
+of the encode stage; and the top-down map used by `show` and evaluate.py.
 
     python data.py maze --out data/maze --preset toy [--split test] [--videos N --frames F --size S ...]
     python data.py prepare LOOPCRAFT_SPLIT data/loopcraft
@@ -18,10 +16,19 @@ biased to pairs and quartets of turns so it keeps coming back to places it has s
 """
 from __future__ import annotations
 
-import argparse, io, json, math, os, struct, tempfile, time, zlib
+import argparse
+import io
+import json
+import math
+import os
+import struct
+import tempfile
+import time
+import zlib
 from dataclasses import asdict, dataclass, fields, replace
 from functools import lru_cache
 from multiprocessing import Pool
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -70,28 +77,25 @@ UNIT, STEP, RADIUS = 18, 2, 4   # RADIUS: how far ahead of the eye the body reac
 EYE, WALL = 0.5, 2.5            # eye height and wall height in cells: tall walls fill the view like trees
 
 
-def walk_bundles(rng: np.random.Generator, n: int, nb: int) -> tuple[np.ndarray, np.ndarray]:
-    """nb Loopcraft bundles for each of n sequences, not yet held: (actions, used), both (n, nb, 16);
-    bundle b of sequence i is actions[i, b][used[i, b]]. A bundle draws k turns (p = [.1, .3, .1, .5]),
-    m ~ U{k .. 3k-1} forwards and one direction, shuffles turns and forwards, and puts one forward in
-    front. Mean bundle: 1 + 5.5 forwards and 3 turns, so 6.5 / 9.5 = 68% of frames are forward."""
-    k = rng.choice(TURN_COUNTS, size=(n, nb), p=TURN_P)
-    m = rng.integers(k, 3 * k)
-    d = rng.integers(LEFT, RIGHT + 1, size=(n, nb))
-    # Shuffle by sorting random keys over 15 slots (k+m <= 15): slots < k are turns, slots >= k+m unused.
-    slot = np.arange(15)
-    keys = np.where(slot < (k + m)[..., None], rng.random((n, nb, 15)), 2.0)
-    order = np.argsort(keys, axis=-1)               # first k+m entries: a uniform permutation of the used slots
-    body = np.where(order < k[..., None], d[..., None], FORWARD)                      # (n, nb, 15)
-    actions = np.concatenate([np.zeros((n, nb, 1), np.int64), body], -1)              # (n, nb, 16)
-    return actions, np.concatenate([np.ones((n, nb, 1), bool), slot < (k + m)[..., None]], -1)
+def bundle(rng: np.random.Generator) -> list[int]:
+    """One Loopcraft bundle, not yet held: k turns (p = [.1, .3, .1, .5]) all in one direction and
+    m ~ U{k .. 3k-1} forwards, shuffled together, after one extra forward. Mean 1 + 5.5 forwards and
+    3 turns, so 6.5 / 9.5 = 68% of frames are forward."""
+    k = int(rng.choice(TURN_COUNTS, p=TURN_P))
+    m = int(rng.integers(k, 3 * k))
+    turns = [int(rng.integers(LEFT, RIGHT + 1))] * k
+    return [FORWARD, *rng.permutation(turns + [FORWARD] * m).tolist()]
 
 
 def random_walk(rng: np.random.Generator, frames: int, n: int = 1) -> np.ndarray:
     """n Loopcraft action sequences (n, frames) int64: bundles back to back, every action held 9 frames."""
-    count = -(-frames // HOLD)
-    actions, used = walk_bundles(rng, n, -(-count // 3) + 1)          # every bundle has >= 3 actions
-    return np.stack([np.repeat(actions[i][used[i]][:count], HOLD)[:frames] for i in range(n)])
+    walks = np.empty((n, frames), np.int64)
+    for i in range(n):
+        actions = []
+        while HOLD * len(actions) < frames:
+            actions += bundle(rng)
+        walks[i] = np.repeat(actions, HOLD)[:frames]
+    return walks
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -250,21 +254,28 @@ def render(world: np.ndarray, poses: np.ndarray, size: int, fov: float = 70.0) -
 # ---------------------------------------------------------------------------------------------------
 # Frame store: DIR/KEY.frames = uint64 offsets[frames + 1] then one PNG per frame; DIR/KEY.npy poses
 
-def _atomic_write(path: str, write) -> None:
-    """write(file) to a temporary name beside `path`, then rename: a killed job leaves no valid-looking file."""
+def atomic_write(path: str, write) -> None:
+    """write(tmp) to a temporary name beside `path`, then rename: a killed job leaves no valid-looking
+    file. The temporary name keeps the extension (np.save, ffmpeg, matplotlib choose formats by it)."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
+    stem, ext = os.path.splitext(path)
+    tmp = f"{stem}.tmp{os.getpid()}{ext}"
     try:
-        with open(tmp, "wb") as fh:
-            write(fh)
+        write(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
 
 
+def _unmark(path: str) -> None:
+    """Remove a store's completion mark (index.json, a latent key's actions.npy) before rewriting it."""
+    if os.path.exists(path):
+        os.remove(path)
+
+
 def _write_json(path: str, obj) -> None:
-    _atomic_write(path, lambda fh: fh.write(json.dumps(obj, indent=1, sort_keys=True).encode()))
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=1, sort_keys=True)))
 
 
 def encode_png(frame: np.ndarray) -> bytes:
@@ -278,21 +289,22 @@ def encode_png(frame: np.ndarray) -> bytes:
 
 def write_frames(path: str, frames, count: int) -> None:
     """Stream `count` RGB uint8 frames into a packed PNG file; fails (leaving nothing) on another count."""
-    def write(fh):
-        fh.write(bytes(8 * (count + 1)))            # offsets, filled in once every frame is written
-        offsets = [fh.tell()]
-        for frame in frames:
-            fh.write(encode_png(np.ascontiguousarray(frame, np.uint8)))
-            offsets.append(fh.tell())
-        if len(offsets) != count + 1:
-            raise ValueError(f"{path}: got {len(offsets) - 1} frames, expected {count}")
-        fh.seek(0)
-        fh.write(np.array(offsets, "<u8").tobytes())
-    _atomic_write(path, write)
+    def write(tmp):
+        with open(tmp, "wb") as fh:
+            fh.write(bytes(8 * (count + 1)))        # offsets, filled in once every frame is written
+            offsets = [fh.tell()]
+            for frame in frames:
+                fh.write(encode_png(np.ascontiguousarray(frame, np.uint8)))
+                offsets.append(fh.tell())
+            if len(offsets) != count + 1:
+                raise ValueError(f"{path}: got {len(offsets) - 1} frames, expected {count}")
+            fh.seek(0)
+            fh.write(np.array(offsets, "<u8").tobytes())
+    atomic_write(path, write)
 
 
 def _save_npy(path: str, array: np.ndarray) -> None:
-    _atomic_write(path, lambda fh: np.save(fh, array))
+    atomic_write(path, lambda tmp: np.save(tmp, array))
 
 
 def load_index(root: str) -> dict[str, int]:
@@ -333,11 +345,11 @@ def split_keys(keys, holdout: float = 0.01, seed: int = 0) -> tuple[list[str], l
 
 
 def _locate(ends: np.ndarray, i: int) -> tuple[int, int]:
-    """Item i -> (video, item within it), given the cumulative item counts `ends` of the videos."""
-    if not 0 <= i < (ends[-1] if len(ends) else 0):
-        raise IndexError(f"item {i} outside the dataset")
-    v = int(np.searchsorted(ends, i, side="right"))
-    return v, i - (int(ends[v - 1]) if v else 0)
+    """Item i -> (video, item within it), given ends = [0, cumulative item counts of the videos]."""
+    if not 0 <= i < ends[-1]:
+        raise IndexError(f"item {i} outside the dataset of {ends[-1]} items")
+    v = int(np.searchsorted(ends, i, side="right")) - 1
+    return v, i - int(ends[v])
 
 
 class FrameDataset(torch.utils.data.Dataset):
@@ -345,10 +357,10 @@ class FrameDataset(torch.utils.data.Dataset):
     def __init__(self, root: str, keys=None):
         index = load_index(root)
         self.root, self.keys = root, sorted(index) if keys is None else list(keys)
-        self.ends = np.cumsum([index[k] for k in self.keys])
+        self.ends = np.cumsum([0] + [index[k] for k in self.keys])
 
     def __len__(self):
-        return int(self.ends[-1]) if len(self.keys) else 0
+        return int(self.ends[-1])
 
     def __getitem__(self, i):
         v, f = _locate(self.ends, i)
@@ -361,8 +373,7 @@ class FrameDataset(torch.utils.data.Dataset):
 
 def write_latents(root: str, key: str, levels: list[np.ndarray], actions: np.ndarray) -> None:
     done = os.path.join(root, key, "actions.npy")
-    if os.path.exists(done):                        # rewriting: unmark first
-        os.remove(done)
+    _unmark(done)
     for level, z in enumerate(levels):
         _save_npy(os.path.join(root, key, f"l{level}.npy"), np.asarray(z, np.float16))
     _save_npy(done, np.asarray(actions, np.float32))  # written last: marks the key complete
@@ -385,10 +396,10 @@ class ChunkDataset(torch.utils.data.Dataset):
         self.levels = list(levels) if levels is not None else \
             [l for l in range(16) if os.path.exists(os.path.join(root, self.keys[0], f"l{l}.npy"))]
         frames = [len(np.load(os.path.join(root, k, "actions.npy"), mmap_mode="r")) for k in self.keys]
-        self.ends = np.cumsum([max(0, f - chunk_frames + 1) for f in frames])
+        self.ends = np.cumsum([0] + [max(0, f - chunk_frames + 1) for f in frames])
 
     def __len__(self):
-        return int(self.ends[-1]) if len(self.keys) else 0
+        return int(self.ends[-1])
 
     def __getitem__(self, i):
         v, start = _locate(self.ends, i)
@@ -431,13 +442,15 @@ def _map(fn, jobs: list[tuple], workers: int) -> list:
 
 
 def make_maze(out: str, cfg: MazeConfig, split: str = "train") -> dict:
-    """Write a maze frame store to `out` (index.json last, so a killed run leaves no valid index).
+    """Write a maze frame store to `out` (index.json removed first, written last: a killed run leaves
+    no index, so no half-written store looks valid).
     Train: cfg.videos walks. Test: cfg.pool · cfg.test_videos loop-biased candidates, of which the
     cfg.test_videos that covered the most distance are kept (drops stuck agents, App. A.1)."""
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     if not 0 < cfg.context < cfg.frames:
         raise ValueError(f"context must be in 1 .. frames - 1 = {cfg.frames - 1}, got {cfg.context}")
+    _unmark(os.path.join(out, "index.json"))
     n = cfg.videos if split == "train" else cfg.test_videos
     plans = _map(_plan, [(cfg, split, i) for i in range(n if split == "train" else cfg.pool * n)],
                  cfg.workers)
@@ -492,11 +505,12 @@ def prepare(src: str, dst: str, workers: int = 2) -> dict[str, int]:
         raise ValueError(f"{src}/index.json: cannot read ({e})") from None
     if not isinstance(index, dict) or not all(isinstance(v, int) and v > 0 for v in index.values()):
         raise ValueError(f"{src}/index.json: expected {{key: frames > 0}}")
+    _unmark(os.path.join(dst, "index.json"))
     sizes = set(_map(_prepare_one, [(src, dst, k, n) for k, n in sorted(index.items())], workers))
-    if len(sizes) != 1:
-        raise ValueError(f"{src}: videos differ in size {sorted(sizes)}")
-    (w, h), = sizes
-    _write_json(os.path.join(dst, "meta.json"), dict(source="loopcraft", size=h, fps=20, context=256))
+    if len(sizes) != 1 or len(set(*sizes)) != 1:   # every stage assumes one square frame size
+        raise ValueError(f"{src}: videos must all have one square size, got (w, h) {sorted(sizes)}")
+    (size, _), = sizes
+    _write_json(os.path.join(dst, "meta.json"), dict(source="loopcraft", size=size, fps=20, context=256))
     _write_json(os.path.join(dst, "index.json"), dict(sorted(index.items())))
     return index
 
@@ -568,12 +582,18 @@ def bench(cfg: MazeConfig) -> None:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
-    pr = sub.add_parser("prepare", help="released Loopcraft layout -> frame store")
-    pr.add_argument("src"), pr.add_argument("dst"), pr.add_argument("--workers", type=int, default=2)
-    s = sub.add_parser("show", help="video next to its top-down map (.png, .gif or .mp4)")
-    s.add_argument("root"), s.add_argument("key"), s.add_argument("--out", required=True)
-    for q in sub.add_parser("maze", help="generate a maze frame store"), sub.add_parser("bench"):
-        q.add_argument("--out"), q.add_argument("--split", choices=["train", "test"], default="train")
+    prep = sub.add_parser("prepare", help="released Loopcraft layout -> frame store")
+    prep.add_argument("src")
+    prep.add_argument("dst")
+    prep.add_argument("--workers", type=int, default=2)
+    view = sub.add_parser("show", help="video next to its top-down map (.png, .gif or .mp4)")
+    view.add_argument("root")
+    view.add_argument("key")
+    view.add_argument("--out", required=True)
+    maze = sub.add_parser("maze", help="generate a maze frame store")
+    maze.add_argument("--out", required=True)
+    for q in maze, sub.add_parser("bench", help="print rendering, generation and frame-read speeds"):
+        q.add_argument("--split", choices=["train", "test"], default="train")
         q.add_argument("--preset", choices=sorted(PRESETS), default="toy")
         for f in fields(MazeConfig):                # --videos counts the chosen split's videos
             q.add_argument(f"--{f.name}", type=type(getattr(MazeConfig, f.name)))
@@ -587,8 +607,8 @@ def main(argv=None) -> None:
         over["test_videos"] = over.pop("videos")
     cfg = maze_config(a.preset, **over)
     print(cfg)
-    if a.cmd == "bench" or not a.out:
-        return bench(cfg) if a.cmd == "bench" else p.error("maze needs --out DIR")
+    if a.cmd == "bench":
+        return bench(cfg)
     t = time.perf_counter()
     meta = make_maze(a.out, cfg, a.split)
     print(f"wrote {a.out} in {time.perf_counter() - t:.1f} s: mean Chamfer {meta['chamfer']:.2f} cells, "

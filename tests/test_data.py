@@ -62,9 +62,8 @@ def test_unheld_turn_before_forward_is_rejected():
 # --- Loopcraft's random walk ------------------------------------------------------------------------
 
 def test_random_walk_bundles_match_loopcraft_parameters():
-    actions, used = data.walk_bundles(np.random.default_rng(0), 500, 40)     # 20,000 bundles
-    N = 20_000
-    bundles = [a[u] for a, u in zip(actions.reshape(N, 16), used.reshape(N, 16))]
+    rng, N = np.random.default_rng(0), 20_000
+    bundles = [np.array(data.bundle(rng)) for _ in range(N)]
     k = np.array([np.sum(b != FORWARD) for b in bundles])
     m = np.array([np.sum(b == FORWARD) - 1 for b in bundles])
     assert all(b[0] == FORWARD and len(set(b[b != FORWARD])) == 1 for b in bundles)  # one direction
