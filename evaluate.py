@@ -1,23 +1,19 @@
 """Evaluation protocol of MilliVid (paper §4 "Metrics", Table 1, Fig. 3, Fig. 4, Fig. 8, App. A.2
 "Inference Details", App. A.3 "Sampling Speed").
 
-Consistency question (§4): give a model the first `context` frames of a ground-truth test video (paper
-256) and the ground-truth actions of all `total` frames (paper 1024); it generates the rest (paper 768
-frames); decode level 0 and compare frame by frame with the ground truth. Each metric is averaged over
-videos per generated-frame offset k = 1, 2, ... (the curves of Fig. 4 / Fig. 8) and over horizon
-buckets (Table 1: 1-64 / 65-256 / 257-768; smaller runs scale them by 1/12, 1/3, 1). Two reference
-rows bracket the models: "ground-truth latents" decodes the video's own latents (upper bound incl. the
-autoencoder's error), "random latents" decodes another test video's latents at the same frame index
-(real frames with no consistency: a lower bound).
+Consistency (§4): a model gets the first `context` frames of a ground-truth test video (paper 256) and
+the ground-truth actions of all `total` frames (paper 1024), generates the rest (paper 768 frames), and
+its level-0 decoding is compared frame by frame with the ground truth. Metrics are averaged over videos
+per generated-frame offset k = 1, 2, ... (Fig. 4 / Fig. 8) and over horizon buckets (Table 1: 1-64 /
+65-256 / 257-768, i.e. 1/12, 1/3, 1 of the rollout). Two reference rows bracket the models: "ground-truth
+latents" decodes the video's own latents (upper bound, incl. the autoencoder's error), "random latents"
+decodes another test video's latents at the same frame index (real frames, no consistency).
 
-Frame convention: every frame array here is channel-last (N, H, W, 3), numpy or torch, either uint8 in
-[0, 255] or float in [0, 1] (what `data.read_frames` returns and what videos store). Decoder output
-(N, 3, H, W) float is turned into that with `to_uint8` once, so metrics see what a viewer sees.
-
-Metrics: PSNR (capped at 100 dB), SSIM (Gaussian 11 / 1.5), LPIPS-AlexNet (when its torchvision weights
-are on disk), and a maze metric needing no weights: the fraction of pixels whose palette base colour
-agrees. DINOv2, LightGlue, FID and FVD need weights that cannot be downloaded here: they are listed in
-the report as unavailable, with what they need, never silently skipped.
+Frames are channel-last (N, H, W, 3), uint8 in [0, 255] or float in [0, 1]; decoder output is turned
+into uint8 once (`to_uint8`), so metrics see what a viewer sees. Metrics: PSNR (capped at 100 dB), SSIM
+(Gaussian 11 / 1.5), LPIPS-AlexNet (when its torchvision weights are on disk), and for the maze, the
+fraction of pixels whose palette base colour agrees (needs no weights). DINOv2, LightGlue, FID and FVD
+need weights we cannot download: the report lists them as unavailable, never skips them silently.
 """
 import csv
 import dataclasses
@@ -32,6 +28,8 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from data import atomic_write
 
 
 @dataclass
@@ -296,20 +294,6 @@ def summarize(results):
                  for r in results.rows]}
 
 
-def _atomic(path, write):
-    """Call write(tmp) then rename onto `path`, so a killed run never leaves a half-written file that
-    looks valid; the temporary name keeps the extension (ffmpeg and matplotlib choose formats by it)."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    root, ext = os.path.splitext(path)
-    tmp = f"{root}.tmp{os.getpid()}{ext}"
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def results_markdown(summary):
     """Table 1 layout: one row per model / reference, metric x bucket columns, then the cost columns;
     the best model (reference rows excluded) of each column in bold."""
@@ -356,7 +340,7 @@ def write_per_frame_csv(path, results):
                     for k in range(K):
                         w.writerow([r.name, key, k + 1, results.context + k] +
                                    [f"{r.per_frame[m][v, k]:.6g}" if m in r.per_frame else "" for m in metrics])
-    _atomic(path, write)
+    atomic_write(path, write)
 
 
 def plot_curves(path, results):
@@ -378,7 +362,7 @@ def plot_curves(path, results):
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
-    _atomic(path, lambda tmp: fig.savefig(tmp, dpi=110))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110))
     plt.close(fig)
 
 
@@ -437,14 +421,14 @@ def write_video(path, frames, fps=20):
             with imageio.get_writer(tmp, fps=fps, codec="libx264", macro_block_size=1, quality=8) as w:
                 for f in frames:
                     w.append_data(even(f))
-    _atomic(path, write)
+    atomic_write(path, write)
 
 
 def report(out_dir, results, video_ext=".mp4"):
     """Write every output of the evaluation into `out_dir`; returns the path of results.md."""
     summary = summarize(results)
-    _atomic(os.path.join(out_dir, "results.json"), lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=1)))
-    _atomic(os.path.join(out_dir, "results.md"), lambda tmp: Path(tmp).write_text(results_markdown(summary)))
+    atomic_write(os.path.join(out_dir, "results.json"), lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=1)))
+    atomic_write(os.path.join(out_dir, "results.md"), lambda tmp: Path(tmp).write_text(results_markdown(summary)))
     write_per_frame_csv(os.path.join(out_dir, "per_frame.csv"), results)
     plot_curves(os.path.join(out_dir, "consistency.png"), results)
     for s in results.samples:
@@ -482,14 +466,16 @@ class Model:
 
 
 def evaluate_videos(cfg, keys, load, decode, models, palette=None, lpips_net=None, draw_map=None,
-                    unavailable=None, device="cpu"):
+                    unavailable=None, device="cpu", partner_latents=None):
     """The protocol over `keys` in batches of cfg.batch_size -> Results (then `report` writes it).
     load(key) -> Video; decode(z (n, T_l, C), level) -> (n, 3, H, W) in [0, 1]; models: [Model];
     draw_map(world, poses, split, size) as in data.py. Latents, actions and metrics live on `device`.
-    The first cfg.num_samples videos become samples (side-by-side and plan videos)."""
+    partner_latents(key) -> level-0 latents of frames [context, total), all the random-latents row
+    reads of its partner video (default: via load). The first cfg.num_samples videos become samples."""
     c, n, K = cfg.context, cfg.total, cfg.total - cfg.context
     if not 0 < c < n:
         raise ValueError(f"EvalConfig: expected 0 < context < total, got context={c}, total={n}")
+    partner_latents = partner_latents or (lambda key: load(key).latents[0][c:n])
     buckets, partner = horizon_buckets(K, cfg.buckets), derangement(len(keys), cfg.seed)
     values = {name: {} for name in [m.name for m in models] + ["ground-truth latents", "random latents"]}
     wall, samples = {m.name: 0.0 for m in models}, []
@@ -521,7 +507,7 @@ def evaluate_videos(cfg, keys, load, decode, models, palette=None, lpips_net=Non
             # reference rows: the video's own latents decoded (upper bound), and its partner video's
             # latents at the same frame indices (real frames, no consistency: a lower bound)
             frames["ground-truth latents"] = decode_frames(decode, v.latents[0][c:n], 0, device)
-            frames["random latents"] = decode_frames(decode, load(keys[partner[i]]).latents[0][c:n], 0, device)
+            frames["random latents"] = decode_frames(decode, partner_latents(keys[partner[i]]), 0, device)
             for name, f in frames.items():
                 for metric, x in frame_metrics(f, truth, palette, lpips_net, device).items():
                     values[name].setdefault(metric, []).append(x)
@@ -586,7 +572,8 @@ def evaluate(cfg):
         palette = data.PALETTE if json.load(f).get("source") == "maze" else None
     keys = sorted(data.load_index(frames_dir))[:cfg.num_videos]
     results = evaluate_videos(cfg, keys, load, decode, models, palette, lpips_net, data.draw_map,
-                              {"lpips": why} if why else None, device)
+                              {"lpips": why} if why else None, device,
+                              lambda key: data.read_latents(latents_dir, key, 0, cfg.context, cfg.total))
     results.config["git_commit"] = git_commit()
     return report(cfg.out or f"{cfg.root}/eval", results)
 

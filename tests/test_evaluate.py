@@ -242,8 +242,16 @@ def test_protocol_and_report_write_every_output(tmp_path, lpips_random):
         calls.append((world, len(poses), split, size))
         return np.full((size, size, 3), 128, np.uint8)
 
+    loaded = []
+
+    def load(key):
+        loaded.append(key)
+        return videos[key]
+
     models = [ev.Model("millivid", oracle, 10, 500), ev.Model("hold", hold, 16, 800)]
-    res = ev.evaluate_videos(cfg, keys, videos.get, fake_decode, models, PALETTE, lpips_random, draw_map)
+    res = ev.evaluate_videos(cfg, keys, load, fake_decode, models, PALETTE, lpips_random, draw_map,
+                             partner_latents=lambda k: videos[k].latents[0][C:F])
+    assert loaded == keys  # each video read once: the random-latents row reads only its partner's latents
     assert [r.name for r in res.rows] == ["millivid", "hold", "ground-truth latents", "random latents"]
     by = {r.name: r for r in res.rows}
     assert set(by["hold"].per_frame) == {"psnr", "ssim", "lpips", "maze"}
@@ -255,6 +263,10 @@ def test_protocol_and_report_write_every_output(tmp_path, lpips_random):
         np.testing.assert_allclose(by[name].per_frame["lpips"], 0.0, atol=1e-6)
         np.testing.assert_allclose(by[name].per_frame["maze"], 1.0)
     assert by["random latents"].per_frame["psnr"].max() < 100 and by["random latents"].per_frame["maze"].mean() < 0.9
+    # random latents: video i scored against its partner's frames at the same indices [C, F)
+    partner = ev.derangement(len(keys), cfg.seed)
+    want = [ev.psnr(videos[keys[partner[i]]].frames[C:], videos[keys[i]].frames[C:]) for i in range(len(keys))]
+    np.testing.assert_allclose(by["random latents"].per_frame["psnr"], np.stack(want))
     # holding the last context frame: stripes 4 pixels wide move 1 pixel per frame, so at offset 1 at
     # least 3/4 of the pixels keep their colour, and after a whole stripe far fewer
     hold_maze = by["hold"].per_frame["maze"].mean(0)
@@ -300,6 +312,9 @@ def test_unavailable_metrics_are_reported_with_reason(tmp_path):
     res = ev.evaluate_videos(cfg, keys, lambda k: fake_video(int(k[-1])), fake_decode, [],
                              unavailable={"lpips": "LPIPS: unavailable (needs weights: test)"})
     assert res.buckets == [(1, 1), (2, 5), (6, 16)] and "lpips" not in res.rows[0].per_frame
+    # the default random-latents path (through load): two videos are each other's partner
+    swapped = ev.psnr(fake_video(1).frames[C:], fake_video(0).frames[C:])
+    np.testing.assert_allclose(res.rows[1].per_frame["psnr"], [swapped, swapped])
     assert set(res.unavailable) == {"dino", "lightglue", "fid", "fvd", "lpips", "maze"}
     text = open(ev.report(str(tmp_path), res)).read()
     for why in res.unavailable.values():
