@@ -16,11 +16,11 @@ levels add texture.
 The cascaded ablation (§5 Q1/Q2, Fig. 5 bottom, Fig. 6, `variant="cascaded"`) replaces the learned
 coarse levels by 2×2 mean pools of the level-0 latents.
 
-The transformer pieces (`Attention`, `Mlp`, `modulate`, `AdaLNBlock` with a per-sample or per-token
-condition, `sincos_embed`) are plain building blocks that other files may import.
+The transformer pieces (`sincos_embed`, `Attention`, `Mlp`, `Block`) and the strict preset helper
+`preset_config` are shared with diffusion.py.
 """
 import os
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn
@@ -78,18 +78,25 @@ PRESETS = {
 }
 
 
-def ae_config(preset="paper", **overrides):
-    """The named preset's AEConfig with `overrides` applied (unknown keys and wrong types are errors)."""
-    if preset not in PRESETS:
-        raise ValueError(f"ae_config: unknown preset {preset!r}; expected one of {sorted(PRESETS)}")
-    defaults = {f.name: f.default for f in fields(AEConfig)}
+def preset_config(cls, presets, preset, overrides):
+    """The config dataclass `cls` with presets[preset], then `overrides`, applied. Strict: an unknown
+    preset, an unknown key or a value of the wrong type (an int is accepted for a float) is an error."""
+    name = cls.__name__
+    if preset not in presets:
+        raise ValueError(f"{name}: unknown preset {preset!r}; expected one of {list(presets)}")
+    defaults = {f.name: f.default for f in fields(cls)}
     for key, value in overrides.items():
         if key not in defaults:
-            raise ValueError(f"ae_config: unknown key {key!r}; expected one of {list(defaults)}")
+            raise ValueError(f"{name}: unknown key {key!r}; expected one of {list(defaults)}")
         kind = type(defaults[key])
         if not (isinstance(value, kind) or (kind is float and type(value) is int)):
-            raise ValueError(f"ae_config: {key}={value!r} should be of type {kind.__name__}")
-    return replace(AEConfig(), **{**PRESETS[preset], **overrides})
+            raise ValueError(f"{name}: {key}={value!r} should be of type {kind.__name__}")
+    return cls(**{**presets[preset], **overrides})
+
+
+def ae_config(preset="paper", **overrides):
+    """The named preset's AEConfig with strict `overrides` (see preset_config)."""
+    return preset_config(AEConfig, PRESETS, preset, overrides)
 
 
 def num_params(module):
@@ -202,7 +209,8 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm ViT block (encoder). Like the authors, the LayerNorms carry no gain or bias."""
+    """Pre-norm ViT block (the encoder's; the adaLN-Zero blocks here and in diffusion.py extend it).
+    Like the authors, the LayerNorms carry no gain or bias."""
 
     def __init__(self, width, heads, mlp_ratio):
         super().__init__()
@@ -221,23 +229,17 @@ def modulate(x, shift, scale):
     return x * (1 + scale) + shift
 
 
-class AdaLNBlock(nn.Module):
-    """DiT block with adaLN-Zero: shift, scale and gate of both sub-layers come from the condition c,
-    either one vector per sample (B, D) or one per token (B, T, D)."""
+class AdaLNBlock(Block):
+    """The decoder's DiT block: adaLN-Zero, shift, scale and gate of both sub-layers come from one
+    condition vector per sample (B, D), the embedding of the kept level."""
 
     def __init__(self, width, heads, mlp_ratio):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(width, heads)
-        self.norm2 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
-        self.mlp = Mlp(width, mlp_ratio)
+        super().__init__(width, heads, mlp_ratio)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))
 
-    def forward(self, x, c):                                 # x (B, T, D), c (B, D) or (B, T, D)
-        m = self.adaLN_modulation(c)                         # (B, 6D) or (B, T, 6D)
-        if m.dim() == 2:
-            m = m[:, None]                                   # (B, 1, 6D): one condition for every token
-        shift1, scale1, gate1, shift2, scale2, gate2 = m.chunk(6, dim=-1)  # 6 × (B, 1 or T, D)
+    def forward(self, x, c):                                 # x (B, T, D), c (B, D)
+        m = self.adaLN_modulation(c)[:, None]                # (B, 1, 6D): the same for every token
+        shift1, scale1, gate1, shift2, scale2, gate2 = m.chunk(6, dim=-1)  # 6 × (B, 1, D)
         x = x + gate1 * self.attn(modulate(self.norm1(x), shift1, scale1))
         return x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))
 
@@ -265,8 +267,11 @@ class Encoder(nn.Module):
         h = tokens + self.pos + self.level_embed(self.token_level)
         for block in self.blocks:                            # joint attention over every level's tokens
             h = block(h)
-        # bottleneck: deterministic, bounded latents; no KL, noise or quantisation (§3.1)
-        return torch.tanh(self.bottleneck(h))                # (B, T, C)
+        # bottleneck: deterministic, bounded latents; no KL, noise or quantisation (§3.1). Run in fp32
+        # even under bf16 autocast: bf16 would round the latents the video model learns (and the encode
+        # stage stores as float16, 2^-11 steps) to steps of 2^-8
+        with torch.autocast(h.device.type, enabled=False):
+            return torch.tanh(self.bottleneck(h.float()))    # (B, T, C) float32
 
 
 class Decoder(nn.Module):
@@ -407,8 +412,10 @@ class HierarchicalAutoencoder(nn.Module):
 
     def loss(self, x, level=None, generator=None):
         """The whole objective (§3.1) for frames x (B, 3, H, W) in [0, 1]. The kept level is drawn
-        uniformly per sample unless `level` is given. Returns (loss, stats) with stats the floats
-        loss, mse0..mse{L-1} (per-pixel MSE per output level) and lpips (when lpips_weight > 0)."""
+        uniformly per sample unless `level` is given. Returns (loss, stats) with stats loss,
+        mse0..mse{L-1} (per-pixel MSE per output level) and lpips (when lpips_weight > 0) as detached
+        0-dim tensors: reading one (float(), .item(), formatting) waits for the device, so a training
+        loop does it only on the steps it logs."""
         if level is None:
             level = torch.randint(self.cfg.levels, (x.shape[0],), device=x.device, generator=generator)
         pred = self.decode(self.encode(x), level)            # whole output pyramid, whatever level was kept
@@ -422,9 +429,7 @@ class HierarchicalAutoencoder(nn.Module):
             loss = loss + self.cfg.lpips_weight * perceptual
             stats["lpips"] = perceptual
         stats["loss"] = loss
-        # one device→host copy for all the numbers, not one sync each
-        values = torch.stack([v.detach().float() for v in stats.values()]).tolist()
-        return loss, dict(zip(stats, values))
+        return loss, {k: v.detach() for k, v in stats.items()}
 
     def forward(self, x, level=None, generator=None):
         # calling the model runs the objective, so DistributedDataParallel(model)(x) syncs gradients
