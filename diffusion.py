@@ -15,7 +15,7 @@ stage: it sees only level-0 latents, and older context frames are packed by spac
 import argparse
 import math
 import time
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 import rollout
 from rollout import CONTEXT, DENOISED  # token roles (UNSEEN cells never reach the model)
-from tokenizer import Attention, Mlp, sincos_embed
+from tokenizer import Block, preset_config, sincos_embed
 
 
 @dataclass
@@ -40,7 +40,6 @@ class DiTConfig:
     shift: float = 1.0              # schedule shift; the paper uses 1.0 for every level
     logsnr_bound: float = 15.0      # logSNR runs from +15 (t = 0) to -15 (t = 1)
     cfg_dropout: float = 0.1        # classifier-free-guidance dropout per sample
-    sampling_steps: int = 50        # DDIM steps per rollout step
     # rollout strategy the model is trained for (rollout.py; App. A.2 "Model-Specific Details"), kept here
     # so generation rebuilds it from a checkpoint. "framepack" is the paper's dense baseline model.
     strategy: str = "millivid"      # millivid | framepack | fullres | framepack_hier | framepack_mirrored | upscale
@@ -51,13 +50,12 @@ class DiTConfig:
     framepack_mirrored: tuple = (3, 12, 48, 192)   # mirrored FramePack D per level (rollout.py's default: = K)
     fullres_frames: int = 14                       # full-resolution rollout n: 7 + 7 frames, 3584 tokens
     upscale_frames: int = 2                        # rollout + upscale base frames B (rollout.py's default)
-    # video training (App. A.2): per-device batch, Muon + AdamW, linear warmup, clipping
+    # video training (App. A.2): per-device batch, Muon + AdamW, linear warmup (train.py clips at 1.0)
     batch_size: int = 48
     steps: int = 192_000
     lr: float = 1e-3
     weight_decay: float = 0.01
     warmup: int = 2000
-    grad_clip: float = 1.0
 
     def __post_init__(self):
         strategies = ("millivid", "framepack", "fullres", "framepack_hier", "framepack_mirrored", "upscale")
@@ -90,17 +88,8 @@ PRESETS = {
 
 
 def dit_config(preset="paper", **overrides) -> DiTConfig:
-    """The paper's settings, or a named preset, with strict overrides (unknown keys, wrong types: errors)."""
-    if preset not in PRESETS:
-        raise ValueError(f"dit_config: unknown preset {preset!r}, expected one of {list(PRESETS)}")
-    defaults = {f.name: f.default for f in fields(DiTConfig)}
-    for key, value in overrides.items():
-        if key not in defaults:
-            raise ValueError(f"dit_config: unknown key {key!r}, expected one of {list(defaults)}")
-        kind = type(defaults[key])
-        if not (isinstance(value, kind) or (kind is float and type(value) is int)):
-            raise ValueError(f"dit_config: {key}={value!r} should be of type {kind.__name__}")
-    return replace(DiTConfig(), **{**PRESETS[preset], **overrides})
+    """The named preset's DiTConfig with strict `overrides` (tokenizer.preset_config)."""
+    return preset_config(DiTConfig, PRESETS, preset, overrides)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -134,10 +123,11 @@ def sincos_3d(frame, row, col, width):
 
 
 # ----------------------------------------------------------------------------------------------------
-# The DiT block. Attention (q/k RMS-norm) and Mlp are the tokenizer's; the block is not tokenizer's
-# AdaLNBlock because that one runs the adaLN Linear on every token, and here the conditioning takes only
-# a few distinct values per sample: computing the modulation once per distinct value saves a fifth
-# (paper size, 3840 tokens) to a third (toy) of the training FLOPs.
+# The DiT block: the tokenizer's pre-norm Block (attention with q/k RMS-norm, MLP) plus adaLN-Zero.
+# Unlike the tokenizer decoder's AdaLNBlock (one condition per sample), every token here has its own
+# (t, level, action), but a batch holds only a few distinct ones: computing the modulation once per
+# distinct value, not per token, saves a fifth (paper size, 3840 tokens) to a third (toy) of the
+# training FLOPs.
 
 def gather(table, index):
     """Rows of table (U, D) for index (B, T) -> (B, T, D). (index_select: its backward is ~10x faster on
@@ -150,15 +140,12 @@ def modulate(x, shift, scale, index):
     return torch.addcmul(gather(shift, index), x, gather(1 + scale, index))
 
 
-class DiTBlock(nn.Module):
-    """DiT block with adaLN-Zero, the conditioning being per token (each token has its own t, level, action)."""
+class DiTBlock(Block):
+    """DiT block with adaLN-Zero, the conditioning being per token (each token has its own t, level, action).
+    Full bidirectional attention, no mask."""
 
     def __init__(self, width, heads, mlp_ratio):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(width, heads)  # full bidirectional attention, no mask, q/k RMS-norm
-        self.norm2 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
-        self.mlp = Mlp(width, mlp_ratio)
+        super().__init__(width, heads, mlp_ratio)
         self.ada = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))
 
     def forward(self, x, c, index):
@@ -279,7 +266,7 @@ class VideoDiT(nn.Module):
         B, T, _ = x_t.shape
         frame, level, row, col, action = (a.expand(B, T) for a in (frame, level, row, col, action))
         L, A = self.cfg.levels, self.cfg.num_actions
-        if level.min() < 0 or level.max() >= L or action.min() < -1 or action.max() >= A:
+        if not (((level >= 0) & (level < L)).all() & ((action >= -1) & (action < A)).all()):  # one host sync
             raise ValueError(f"VideoDiT: level must lie in [0, {L}) and action in [-1, {A}), got levels "
                              f"{level.unique().tolist()}, actions {action.unique().tolist()}")
         t = t.float().expand(B, T)
@@ -289,7 +276,9 @@ class VideoDiT(nn.Module):
             h, n0 = self.embed(x_t), T  # (B, T, D)
         # frame index relative to the step's earliest frame: training chunks and rollout buffers agree
         frame = frame - frame.min(dim=1, keepdim=True).values
-        h = h + sincos_3d(frame, row, col, self.cfg.width).to(h.dtype)
+        # the residual stream stays fp32 under bf16 autocast (the blocks' Linears and attention run in
+        # bf16): a bf16 stream would round away the small, near-zero-gated block updates of early training
+        h = h.float() + sincos_3d(frame, row, col, self.cfg.width)
         c, index = self.conditioning(t, level, action)
         for block in self.blocks:
             h = block(h, c, index)
@@ -385,12 +374,9 @@ def ddim_sample(model, x, role, frame, level, row, col, action, steps=50, cfg_sc
 # ----------------------------------------------------------------------------------------------------
 # Throughput benchmark: python diffusion.py bench --preset tiny|toy|paper --device cpu|cuda
 
-GRID = {"paper": 16, "toy": 8, "tiny": 4}  # level-0 latent grid side per preset (the shared preset table)
-
-
 def bench_step(cfg, preset):
     """The preset's last MilliVid step (level-0 target), as (T,) tensors role, frame, level, row, col."""
-    g0 = GRID[preset]
+    g0 = math.isqrt(rollout.PRESETS[preset]["tokens_per_frame"])  # level-0 latent grid side
     step = rollout.millivid_steps(list(cfg.frames_per_level), cfg.extra_budget, g0 * g0)[-1]
     layout = rollout.step_layout(step.selection, [(g0 >> l, g0 >> l) for l in range(cfg.levels)])
     return [torch.from_numpy(layout[k]) for k in ("role", "frame", "level", "row", "col")]
@@ -476,7 +462,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="diffusion.py: training throughput of the video DiT")
     parser.add_argument("command", choices=["bench"])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--preset", choices=list(GRID), help="default: paper on CUDA, tiny on CPU")
+    parser.add_argument("--preset", choices=list(PRESETS), help="default: paper on CUDA, tiny on CPU")
     parser.add_argument("--batch", type=int, help="default: 48 on CUDA (the paper's), on CPU 16 / 4 / 1")
     parser.add_argument("--iters", type=int, default=5)
     args = parser.parse_args()

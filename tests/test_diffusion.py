@@ -234,6 +234,18 @@ def test_frame_shift_invariance(cfg, step):
         assert not torch.allclose(call(model, x, stretched, action), v, atol=1e-3)
 
 
+@pytest.mark.parametrize("cfg,step", [(TINY, millivid_step), (TINY_DENSE, framepack_step)])
+def test_residual_stream_is_float32_under_bf16_autocast(cfg, step):
+    """Only Linears and attention run in bf16: block inputs and outputs stay fp32 (App. A.2 bf16 AMP)."""
+    step, model, dtypes = step(), randomized(cfg), []
+    for block in model.blocks:
+        block.register_forward_hook(lambda m, inputs, out: dtypes.append((inputs[0].dtype, out.dtype)))
+    x = torch.randn(1, len(step["frame"]), cfg.channels)
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        call(model, x, step, torch.zeros(len(step["frame"]), dtype=torch.long))
+    assert dtypes == [(torch.float32, torch.float32)] * cfg.depth
+
+
 def test_space_to_depth_by_hand():
     a = torch.arange(16.0).view(1, 16, 1)  # one 4x4 frame, value = 4 row + col
     packed = d.space_to_depth(a, frames=1, h=4, w=4, p=2)
