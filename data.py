@@ -64,8 +64,7 @@ def maze_config(preset: str = "paper", **overrides) -> MazeConfig:
     return replace(MazeConfig(**PRESETS[preset]), **overrides)
 
 
-# ---------------------------------------------------------------------------------------------------
-# Actions and the random walk (spec "Random walk that produced the actions")
+# ------------------------------- actions and the random walk (spec: "Random walk that produced the actions")
 
 FORWARD, LEFT, RIGHT = 0, 1, 2
 HOLD = 9                        # every chosen action is held for 9 frames
@@ -98,15 +97,13 @@ def random_walk(rng: np.random.Generator, frames: int, n: int = 1) -> np.ndarray
     return walks
 
 
-# ---------------------------------------------------------------------------------------------------
-# The maze world: a grid of cells, 0 = floor, 1..8 = wall type (base colour + texture pattern)
+# --------------------------------- the maze world: cells 0 = floor, 1..8 = wall type (base colour + texture)
 
 # PALETTE[v] is the base colour of world value v (0 = floor, 1..8 = walls); the last row is the ceiling.
 # Wall hues are far apart, and textures and shading only scale brightness, so a pixel's chromaticity
 # tells its wall type (what coarse latent levels should keep); the pattern is what fine levels add.
-PALETTE = np.array([[110, 100, 90], [220, 50, 50], [235, 140, 30], [225, 215, 40], [60, 190, 60],
-                    [40, 200, 200], [50, 90, 230], [150, 70, 220], [230, 70, 180], [200, 200, 210]],
-                   np.uint8)
+PALETTE = np.array([[110, 100, 90], [220, 50, 50], [235, 140, 30], [225, 215, 40], [60, 190, 60], [40, 200, 200],
+                    [50, 90, 230], [150, 70, 220], [230, 70, 180], [200, 200, 210]], np.uint8)
 TEX = 8                                             # texels per wall face side
 
 
@@ -120,9 +117,9 @@ def _patterns() -> np.ndarray:
 
 
 def make_world(rng: np.random.Generator, n: int, density: float) -> np.ndarray:
-    """An (n, n) uint8 world: a border wall in runs of colours (a landmark from anywhere) and scattered
-    blocks and wall segments, each of one type. Open space everywhere, so every region is a loop and
-    the walk (which ignores the world, like Loopcraft's) rarely bumps."""
+    """An (n, n) uint8 world: a border wall in runs of colours (a landmark from anywhere), scattered blocks
+    and wall segments of one type each, and open space all around, so the walk (blind to the world, like
+    Loopcraft's) rarely bumps."""
     w = np.ones((n, n), np.uint8)
     w[1:-1, 1:-1] = 0
     ring = np.argwhere(w)                           # border cells, ordered around the centre below
@@ -153,10 +150,9 @@ def start_state(rng: np.random.Generator, world: np.ndarray) -> tuple[int, int, 
 
 
 def simulate(world: np.ndarray, actions: np.ndarray, start: tuple[int, int, int]) -> np.ndarray:
-    """Poses (n, frames, 6) float32 [action, x, y, z, yaw, pitch] of action sequences (n, frames):
-    x, y in cells (x = column, y = row of `world`), z the eye height, yaw in degrees (0 = +x, left turns
-    add), pitch 0. Frame t is observed after action t. A forward frame moves 1/9 cell along the heading
-    unless the body's front would enter a wall, then it does not move (collisions stop motion)."""
+    """Poses (n, frames, 6) float32 [action, x, y, z, yaw, pitch] of action sequences (n, frames): x, y in
+    cells (column, row of `world`), z the eye height, yaw in degrees (0 = +x, left turns add), pitch 0.
+    Frame t is observed after action t. A forward frame moves 1/9 cell unless the body would enter a wall."""
     x0, y0, yaw0 = start
     n, frames = actions.shape
     yaw = (yaw0 + TURN * np.cumsum((actions == LEFT).astype(np.int64) - (actions == RIGHT), 1)) % 360
@@ -194,8 +190,7 @@ def path_stats(poses: np.ndarray) -> dict:
                 moved=float((step[fwd] > 0).mean()) if fwd.any() else 1.0)
 
 
-# ---------------------------------------------------------------------------------------------------
-# First-person ray casting: one ray per image column, every column of every frame at once
+# ------------------------------------ first-person ray casting: one ray per image column, all frames at once
 
 @lru_cache(maxsize=8)
 def _lut(size: int) -> np.ndarray:
@@ -251,8 +246,7 @@ def render(world: np.ndarray, poses: np.ndarray, size: int, fov: float = 70.0) -
     return np.take(_lut(size), np.where(inwall, texel, rows), axis=0)  # 4x faster than lut[index] here
 
 
-# ---------------------------------------------------------------------------------------------------
-# Frame store: DIR/KEY.frames = uint64 offsets[frames + 1] then one PNG per frame; DIR/KEY.npy poses
+# --------------------------------- frame store: KEY.frames = uint64 offsets[frames + 1], PNGs; KEY.npy poses
 
 def atomic_write(path: str, write) -> None:
     """write(tmp) to a temporary name beside `path`, then rename: a killed job leaves no valid-looking
@@ -264,14 +258,7 @@ def atomic_write(path: str, write) -> None:
         write(tmp)
         os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def _unmark(path: str) -> None:
-    """Remove a store's completion mark (index.json, a latent key's actions.npy) before rewriting it."""
-    if os.path.exists(path):
-        os.remove(path)
+        Path(tmp).unlink(missing_ok=True)
 
 
 def _write_json(path: str, obj) -> None:
@@ -308,8 +295,7 @@ def _save_npy(path: str, array: np.ndarray) -> None:
 
 
 def load_index(root: str) -> dict[str, int]:
-    with open(os.path.join(root, "index.json")) as fh:
-        return json.load(fh)
+    return json.loads(Path(root, "index.json").read_text())
 
 
 def read_frames(root: str, key: str, start: int = 0, stop: int | None = None) -> np.ndarray:
@@ -368,12 +354,11 @@ class FrameDataset(torch.utils.data.Dataset):
         return torch.from_numpy(frame).permute(2, 0, 1).float() / 255  # (3, H, W)
 
 
-# ---------------------------------------------------------------------------------------------------
-# Latent store (written by train.py --stage encode): DIR/KEY/l{level}.npy float16 (frames, T_l, C)
+# --------------------------------- latent store (train.py --stage encode): KEY/l{level}.npy (frames, T_l, C)
 
 def write_latents(root: str, key: str, levels: list[np.ndarray], actions: np.ndarray) -> None:
     done = os.path.join(root, key, "actions.npy")
-    _unmark(done)
+    Path(done).unlink(missing_ok=True)              # rewriting: unmark first
     for level, z in enumerate(levels):
         _save_npy(os.path.join(root, key, f"l{level}.npy"), np.asarray(z, np.float16))
     _save_npy(done, np.asarray(actions, np.float32))  # written last: marks the key complete
@@ -410,14 +395,12 @@ class ChunkDataset(torch.utils.data.Dataset):
         return dict(latents=latents, actions=torch.from_numpy(act.astype(np.int64)), key=key, start=start)
 
 
-# ---------------------------------------------------------------------------------------------------
-# Maze dataset generation: plan (world + actions + real path), then render and write
+# ---------------------------------- maze generation: plan (world, actions, real path), then render and write
 
 def _plan(cfg: MazeConfig, split: str, i: int):
-    """(world, poses (frames, 6), Chamfer) of train video i or test candidate i; seeded by (seed, split, i)
-    alone, so the bytes do not depend on the worker count. A test candidate draws cfg.candidates action
-    sequences, simulates each in its world (the real path, collisions included, where the paper
-    integrates a collision-free plane), and picks uniformly among the cfg.lowest lowest Chamfer (App. A.1)."""
+    """(world, poses (frames, 6), Chamfer) of train video i or test candidate i, seeded by (seed, split, i)
+    alone. A test candidate simulates cfg.candidates action sequences (the real path with collisions;
+    the paper integrates a collision-free plane) and picks one of the cfg.lowest lowest Chamfer (App. A.1)."""
     rng = np.random.default_rng([cfg.seed, ("train", "test").index(split), i])
     world = make_world(rng, cfg.world, cfg.density)
     start = start_state(rng, world)
@@ -442,15 +425,14 @@ def _map(fn, jobs: list[tuple], workers: int) -> list:
 
 
 def make_maze(out: str, cfg: MazeConfig, split: str = "train") -> dict:
-    """Write a maze frame store to `out` (index.json removed first, written last: a killed run leaves
-    no index, so no half-written store looks valid).
-    Train: cfg.videos walks. Test: cfg.pool · cfg.test_videos loop-biased candidates, of which the
-    cfg.test_videos that covered the most distance are kept (drops stuck agents, App. A.1)."""
+    """Write a maze frame store to `out`; index.json is removed first and written last, so a killed run
+    leaves no index. Train: cfg.videos walks. Test: of cfg.pool · cfg.test_videos loop-biased candidates,
+    the cfg.test_videos that covered the most distance (drops stuck agents, App. A.1)."""
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     if not 0 < cfg.context < cfg.frames:
         raise ValueError(f"context must be in 1 .. frames - 1 = {cfg.frames - 1}, got {cfg.context}")
-    _unmark(os.path.join(out, "index.json"))
+    Path(out, "index.json").unlink(missing_ok=True)    # rewriting a store: unmark it first
     n = cfg.videos if split == "train" else cfg.test_videos
     plans = _map(_plan, [(cfg, split, i) for i in range(n if split == "train" else cfg.pool * n)],
                  cfg.workers)
@@ -468,8 +450,7 @@ def make_maze(out: str, cfg: MazeConfig, split: str = "train") -> dict:
     return meta
 
 
-# ---------------------------------------------------------------------------------------------------
-# Loopcraft: the released layout (index.json, NNN/MMM.mp4, NNN/MMM.npy) -> the frame store
+# ---------------------- Loopcraft: the released layout (index.json, NNN/MMM.mp4, NNN/MMM.npy) -> frame store
 
 def _prepare_one(src: str, dst: str, key: str, count: int) -> tuple[int, int]:
     mp4, npy = os.path.join(src, f"{key}.mp4"), os.path.join(src, f"{key}.npy")
@@ -483,16 +464,13 @@ def _prepare_one(src: str, dst: str, key: str, count: int) -> tuple[int, int]:
     if bad:
         raise ValueError(f"{npy}: action ids must be 0 (forward), 1 (left) or 2 (right), found {bad[:5]}")
     import imageio_ffmpeg
-    try:
+    try:                                            # not a video, ffmpeg failing mid-stream, or a wrong count
         reader = imageio_ffmpeg.read_frames(mp4, pix_fmt="rgb24")
         w, h = next(reader)["size"]
-    except (OSError, RuntimeError, StopIteration) as e:
-        raise ValueError(f"{mp4}: cannot decode video ({e})") from None
-    frames = (np.frombuffer(b, np.uint8).reshape(h, w, 3) for b in reader)
-    try:
+        frames = (np.frombuffer(b, np.uint8).reshape(h, w, 3) for b in reader)
         write_frames(os.path.join(dst, f"{key}.frames"), frames, count)
-    except (ValueError, RuntimeError, OSError) as e:  # wrong frame count, or ffmpeg failing mid-stream
-        raise ValueError(f"{mp4}: bad video ({e})") from None
+    except (OSError, RuntimeError, StopIteration, ValueError) as e:
+        raise ValueError(f"{mp4}: cannot decode {count} frames ({e})") from None
     _save_npy(os.path.join(dst, f"{key}.npy"), poses.astype(np.float32))
     return w, h
 
@@ -505,18 +483,17 @@ def prepare(src: str, dst: str, workers: int = 2) -> dict[str, int]:
         raise ValueError(f"{src}/index.json: cannot read ({e})") from None
     if not isinstance(index, dict) or not all(isinstance(v, int) and v > 0 for v in index.values()):
         raise ValueError(f"{src}/index.json: expected {{key: frames > 0}}")
-    _unmark(os.path.join(dst, "index.json"))
-    sizes = set(_map(_prepare_one, [(src, dst, k, n) for k, n in sorted(index.items())], workers))
-    if len(sizes) != 1 or len(set(*sizes)) != 1:   # every stage assumes one square frame size
-        raise ValueError(f"{src}: videos must all have one square size, got (w, h) {sorted(sizes)}")
-    (size, _), = sizes
-    _write_json(os.path.join(dst, "meta.json"), dict(source="loopcraft", size=size, fps=20, context=256))
+    Path(dst, "index.json").unlink(missing_ok=True)    # rewriting a store: unmark it first
+    sizes = sorted(set(_map(_prepare_one, [(src, dst, k, n) for k, n in sorted(index.items())], workers)))
+    (w, h), *others = sizes
+    if others or w != h:                            # every stage assumes one square frame size
+        raise ValueError(f"{src}: videos must all have one square size, got (w, h) {sizes}")
+    _write_json(os.path.join(dst, "meta.json"), dict(source="loopcraft", size=h, fps=20, context=256))
     _write_json(os.path.join(dst, "index.json"), dict(sorted(index.items())))
     return index
 
 
-# ---------------------------------------------------------------------------------------------------
-# Maps and `show`
+# ------------------------------------------------------------------------------------------- maps and `show`
 
 def draw_map(world: np.ndarray | None, poses: np.ndarray, split: int, size: int) -> np.ndarray:
     """Top-down map (size, size, 3) uint8, north up: world cells in PALETTE colours, the path of the
@@ -545,8 +522,7 @@ def draw_map(world: np.ndarray | None, poses: np.ndarray, split: int, size: int)
 def show(root: str, key: str, out: str, side: int = 256) -> None:
     """The video next to the map (PNG: 8 moments; GIF/MP4: every frame)."""
     frames, poses, world = read_frames(root, key), read_actions(root, key), load_world(root, key)
-    with open(os.path.join(root, "meta.json")) as fh:
-        split = json.load(fh).get("context", 256)           # where the map's path changes colour
+    split = json.loads(Path(root, "meta.json").read_text()).get("context", 256)  # where the path changes colour
 
     def panel(t):
         view = np.asarray(Image.fromarray(frames[t]).resize((side, side), Image.NEAREST))
@@ -568,7 +544,7 @@ def bench(cfg: MazeConfig) -> None:
           f"{n / (time.perf_counter() - t):,.0f} frames/s wall, one core")
     with tempfile.TemporaryDirectory() as tmp:
         for split, total in (("train", cfg.videos), ("test", cfg.test_videos)):
-            count, t = max(2 * cfg.workers, total // 10), time.perf_counter()
+            count, t = min(total, 4 * cfg.workers), time.perf_counter()     # a sample, also at paper scale
             make_maze(os.path.join(tmp, split), replace(cfg, videos=count, test_videos=count), split)
             dt = (time.perf_counter() - t) / count
             print(f"generate {split}: {cfg.frames / dt:,.0f} frames/s, {cfg.workers} workers, writing included "
