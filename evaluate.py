@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from data import atomic_write
+import data
 
 
 @dataclass
@@ -83,9 +83,8 @@ def to_float(frames, device=None, dtype=torch.float32):
         x = x[None]
     if x.ndim != 4 or x.shape[-1] != 3:
         raise ValueError(f"frames: expected (N, H, W, 3) channel-last, got shape {tuple(x.shape)}")
-    x = x.to(device) if device is not None else x
-    x = x.to(dtype) / 255 if x.dtype == torch.uint8 else x.to(dtype)
-    return x.permute(0, 3, 1, 2)  # (N, 3, H, W)
+    x = x.to(device)  # uint8 crosses to the device before it grows to float
+    return (x.to(dtype) / 255 if x.dtype == torch.uint8 else x.to(dtype)).permute(0, 3, 1, 2)  # (N, 3, H, W)
 
 
 def to_uint8(images):
@@ -158,12 +157,10 @@ DARK = 0.06  # pixels (and palette entries) whose brightest channel is below thi
 
 
 def palette_classes(frames, palette, device=None):
-    """Each pixel's palette class -> long tensor (N, H, W): the entry with the nearest chromaticity.
-
-    Shading in the maze renderer scales a base colour (distance, wall side, texture), which keeps the
-    direction of the RGB vector, so we classify by the angle to each palette colour (argmax cosine).
-    Palette entries with the same direction (e.g. a grey floor and a white ceiling) are one class, and
-    near-black pixels form their own class (-1), since their direction is noise."""
+    """Each pixel's palette class -> long tensor (N, H, W): the entry of nearest chromaticity. The maze's
+    shading scales a base colour, keeping the RGB vector's direction, so we classify by the angle to each
+    palette colour (argmax cosine). Entries of one direction (grey floor, white ceiling) are one class;
+    near-black pixels are their own class (-1), since their direction is noise."""
     x = to_float(frames, device)  # (N, 3, H, W)
     p = torch.as_tensor(np.asarray(palette), dtype=torch.float32, device=x.device) / 255  # (K, 3)
     if p.ndim != 2 or p.shape[1] != 3:
@@ -223,7 +220,6 @@ def bucket_means(per_frame, buckets):
 
 # ----------------------------------------------------------------------------- reference rows
 
-
 def derangement(n, seed=0):
     """Deterministic pairing video i -> video perm[i] with perm[i] != i (the random-latents row): a seeded
     shuffle read as one n-cycle (each video paired with the next in shuffled order) has no fixed point."""
@@ -235,16 +231,14 @@ def derangement(n, seed=0):
 
 
 def decode_frames(decode, z, level=0, device=None, chunk=64):
-    """Decode latents (N, T_l, C) of one level alone, `chunk` frames at a time -> np.uint8 (N, H, W, 3).
-    `decode(z (n, T_l, C) tensor, level) -> (n, 3, H, W) float in [0, 1]` (the decoder's level-0 output
-    with every other level zeroed, as in Fig. 5; any size works, plans are shown at level 0's size)."""
+    """Latents (N, T_l, C) of one level decoded alone, `chunk` frames at a time -> np.uint8 (N, H, W, 3);
+    decode(z (n, T_l, C), level) -> (n, 3, H, W) in [0, 1], the level-0 output of that level (Fig. 5)."""
     z = (torch.from_numpy(np.asarray(z, dtype=np.float32)) if isinstance(z, np.ndarray) else z.float()).to(device)
     with torch.no_grad():
         return np.concatenate([to_uint8(decode(z[i:i + chunk], level)) for i in range(0, len(z), chunk)])
 
 
 # ----------------------------------------------------------------------------- results and report
-
 
 @dataclass
 class Row:
@@ -340,7 +334,7 @@ def write_per_frame_csv(path, results):
                     for k in range(K):
                         w.writerow([r.name, key, k + 1, results.context + k] +
                                    [f"{r.per_frame[m][v, k]:.6g}" if m in r.per_frame else "" for m in metrics])
-    atomic_write(path, write)
+    data.atomic_write(path, write)
 
 
 def plot_curves(path, results):
@@ -362,7 +356,7 @@ def plot_curves(path, results):
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110))
+    data.atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110))
     plt.close(fig)
 
 
@@ -421,14 +415,14 @@ def write_video(path, frames, fps=20):
             with imageio.get_writer(tmp, fps=fps, codec="libx264", macro_block_size=1, quality=8) as w:
                 for f in frames:
                     w.append_data(even(f))
-    atomic_write(path, write)
+    data.atomic_write(path, write)
 
 
 def report(out_dir, results, video_ext=".mp4"):
     """Write every output of the evaluation into `out_dir`; returns the path of results.md."""
     summary = summarize(results)
-    atomic_write(os.path.join(out_dir, "results.json"), lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=1)))
-    atomic_write(os.path.join(out_dir, "results.md"), lambda tmp: Path(tmp).write_text(results_markdown(summary)))
+    for name, text in (("results.json", json.dumps(summary, indent=1)), ("results.md", results_markdown(summary))):
+        data.atomic_write(os.path.join(out_dir, name), lambda tmp: Path(tmp).write_text(text))
     write_per_frame_csv(os.path.join(out_dir, "per_frame.csv"), results)
     plot_curves(os.path.join(out_dir, "consistency.png"), results)
     for s in results.samples:
@@ -442,7 +436,6 @@ def report(out_dir, results, video_ext=".mp4"):
 
 
 # ----------------------------------------------------------------------------- the protocol
-
 
 @dataclass
 class Video:
@@ -533,7 +526,7 @@ def evaluate(cfg):
     """The whole protocol on a pipeline folder (what `train.py --stage all` writes): the test split
     ({root}/data/test, {root}/latents/test), the autoencoder ({root}/ae) and every model in cfg.models
     ({root}/video-<name>) rebuilt from their checkpoints alone. Returns the path of results.md."""
-    import data, rollout
+    import rollout
     from train import git_commit, load_model
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
