@@ -380,8 +380,8 @@ class ChunkDataset(torch.utils.data.Dataset):
         self.root, self.keys, self.N = root, list(keys), chunk_frames
         self.levels = list(levels) if levels is not None else \
             [l for l in range(16) if os.path.exists(os.path.join(root, self.keys[0], f"l{l}.npy"))]
-        frames = [len(np.load(os.path.join(root, k, "actions.npy"), mmap_mode="r")) for k in self.keys]
-        self.ends = np.cumsum([0] + [max(0, f - chunk_frames + 1) for f in frames])
+        index = load_index(root)                    # {key: frames}: no file opened per video (200k of them)
+        self.ends = np.cumsum([0] + [max(0, index[k] - chunk_frames + 1) for k in self.keys])
 
     def __len__(self):
         return int(self.ends[-1])

@@ -194,6 +194,7 @@ def test_latent_store_and_chunk_dataset(tmp_path):
     actions = {k: np.tile(np.arange(len(v[0]))[:, None] % 3, (1, 6)).astype(np.float32) for k, v in levels.items()}
     for k in levels:
         data.write_latents(str(tmp_path), k, levels[k], actions[k])
+    (tmp_path / "index.json").write_text(json.dumps({k: len(v[0]) for k, v in levels.items()}))  # encode writes it
     np.testing.assert_array_equal(data.read_latents(str(tmp_path), "a/0", 1, 2, 5),
                                   levels["a/0"][1][2:5].astype(np.float16))
     ds = data.ChunkDataset(str(tmp_path), ["a/0", "a/1"], chunk_frames=3)
