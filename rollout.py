@@ -446,16 +446,16 @@ def generate(model, steps, latents, actions, start, end, grids, *, dense=False, 
         for step in steps:
             layout = step_layout(step.selection, grids, dense)
             index, per_frame = token_index(layout, grids, frames, dense)
+            new = np.flatnonzero(layout["role"] == DENOISED)  # positions of the generated tokens, on the host
             plans.append(({k: torch.from_numpy(v).to(device) for k, v in layout.items()},
-                          torch.from_numpy(index).to(device), torch.from_numpy(per_frame).to(device)))
+                          *(torch.from_numpy(a).to(device) for a in (index, per_frame, new))))
         for s in chunk_starts:
-            for layout, index, per_frame in plans:
+            for layout, index, per_frame, new in plans:
                 where = index + s * per_frame  # (T,) this step's tokens in the buffer
                 frame = layout["frame"] + s    # global frame index; the model makes frames relative
                 x = ddim_sample(model, buffer[:, where], layout["role"], frame, layout["level"], layout["row"],
                                 layout["col"], actions[:, frame], steps=sampling_steps, cfg_scale=cfg_scale,
                                 generator=generator)
-                new = layout["role"] == DENOISED
                 buffer[:, where[new]] = x[:, new].to(buffer.dtype)  # write back by (frame, level, row, col)
         sizes = [frames * h * w for h, w in grids[:num_levels]]
         return [z.unflatten(1, (frames, -1)) for z in buffer.split(sizes, 1)]  # per level (B, F', T_l, C)

@@ -266,7 +266,8 @@ def train(stage, cfg, run, preset):
               f"{len(dataset)} training items, device {device}, world {world}")
     # DDP only syncs gradients of what runs through forward(): the autoencoder's forward is its loss,
     # and diffusion.loss calls the wrapped video model
-    wrapped = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
+    wrapped = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+                  broadcast_buffers=False) if world > 1 else model  # our buffers are constant tables
     optimizers = make_optimizers(model, cfg.lr, cfg.weight_decay)
 
     # resume from the newest checkpoint of this run, if any
