@@ -1,5 +1,5 @@
-"""Data: the Loopcraft format, the synthetic maze world, and the random-access stores (paper §4
-"Datasets", App. A.1).
+"""Data: the Loopcraft format, the synthetic maze world, the random-access stores (paper §4 "Datasets",
+App. A.1), and the one strict --key=value settings mechanism every stage's config is made with.
 
 Loopcraft (§4): 1024-frame Minecraft videos of an agent running forward with random 90° turns, biased
 to pairs and quartets of turns so it keeps coming back; its test set (App. A.1) keeps action sequences
@@ -7,9 +7,9 @@ whose late path revisits the context. Here: the frame store every stage reads (p
 behind a uint64 offset table, any range readable alone, plus the (frames, 6) poses [action, x, y, z,
 yaw, pitch]); `prepare` (released Loopcraft layout -> that store); the maze (Loopcraft's actions, walk
 and test selection in a ray-cast grid world whose ground truth renders for any path); the latent store
-of the encode stage; and the top-down map used by `show` and evaluate.py.
+of the encode stage; the top-down map and the video writer used by `show` and evaluate.py.
 
-    python data.py maze --out data/maze --preset toy [--split test] [--videos N --frames F --size S ...]
+    python data.py maze --out data/maze --preset toy [--split test] [--videos=N --frames=F --key=value ...]
     python data.py prepare LOOPCRAFT_SPLIT data/loopcraft
     python data.py show data/maze 000/000 --out video.gif
     python data.py bench
@@ -31,7 +31,6 @@ from multiprocessing import Pool
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image, ImageDraw
 
 
@@ -53,18 +52,63 @@ class MazeConfig:
     workers: int = os.cpu_count() or 1   # generation processes (the bytes do not depend on it)
 
 
+# The evaluated split of a video, [context, frames), is stated here only: evaluate.py and rollout.py read it.
 PRESETS = {"paper": {},
            "toy": dict(size=64, frames=384, context=128, videos=1000, test_videos=64, world=32),
            "tiny": dict(size=32, frames=96, context=32, videos=32, test_videos=8, world=16)}
 
 
 def maze_config(preset: str = "paper", **overrides) -> MazeConfig:
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; expected one of {sorted(PRESETS)}")
-    return replace(MazeConfig(**PRESETS[preset]), **overrides)
+    return make_config(MazeConfig, PRESETS, preset, overrides)
 
 
-# ------------------------------- actions and the random walk (spec: "Random walk that produced the actions")
+# ------------------------------------------ settings: the one strict --key=value mechanism of every config
+
+def make_config(cls, presets: dict, preset: str, overrides: dict):
+    """The dataclass `cls` with presets[preset], then `overrides` (typed, an int passing for a float, or
+    command-line text parsed by the field's type). Strict: an unknown preset or key or a wrong type is a
+    ValueError naming it. Every config of every stage is made here."""
+    name, defaults = cls.__name__, {f.name: f.default for f in fields(cls)}
+    if preset not in presets:
+        raise ValueError(f"{name}: unknown preset {preset!r}; expected one of {', '.join(presets)}")
+    typed = {}
+    for key, value in overrides.items():
+        if key not in defaults:
+            raise ValueError(f"{name}: unknown key {key!r}; expected one of {', '.join(defaults)}")
+        like = defaults[key]
+        if isinstance(value, str) and not isinstance(like, str):
+            value = _parse(value, like)
+        if not (type(value) is type(like) or (type(like) is float and type(value) is int)):
+            kind = "bool (true/false)" if isinstance(like, bool) else type(like).__name__
+            raise ValueError(f"{name}: {key}={value!r} should be of type {kind}")
+        typed[key] = value
+    return cls(**{**presets[preset], **typed})
+
+
+def _parse(text: str, like):
+    """Command-line text as the type of `like` ("3,12,48" for a tuple); unparsable text stays text."""
+    if isinstance(like, bool):
+        return {"true": True, "1": True, "false": False, "0": False}.get(text.lower(), text)
+    try:
+        return tuple(type(like[0] if like else 0)(v) for v in text.split(",") if v) \
+            if isinstance(like, tuple) else type(like)(text)
+    except ValueError:
+        return text
+
+
+def parse_overrides(argv: list[str]) -> dict[str, str]:
+    """["--lr=3e-4", "--batch-size", "8"] -> {"lr": "3e-4", "batch_size": "8"}; anything else is an error."""
+    out, rest = {}, list(argv)
+    while rest:
+        arg = rest.pop(0)
+        key, eq, value = arg[2:].partition("=")
+        if not arg.startswith("--") or not (eq or rest):
+            raise SystemExit(f"{arg!r}: expected --key=value (or --key value)")
+        out[key.replace("-", "_")] = value if eq else rest.pop(0)
+    return out
+
+
+# ------------------------------------------------- actions and the random walk (§4, App. A.1)
 
 FORWARD, LEFT, RIGHT = 0, 1, 2
 HOLD = 9                        # every chosen action is held for 9 frames
@@ -250,7 +294,8 @@ def render(world: np.ndarray, poses: np.ndarray, size: int, fov: float = 70.0) -
 
 def atomic_write(path: str, write) -> None:
     """write(tmp) to a temporary name beside `path`, then rename: a killed job leaves no valid-looking
-    file. The temporary name keeps the extension (np.save, ffmpeg, matplotlib choose formats by it)."""
+    file. Every file of every stage is written through here. The temporary name keeps the extension
+    (np.save, ffmpeg, matplotlib, PIL choose formats by it)."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     stem, ext = os.path.splitext(path)
     tmp = f"{stem}.tmp{os.getpid()}{ext}"
@@ -261,7 +306,7 @@ def atomic_write(path: str, write) -> None:
         Path(tmp).unlink(missing_ok=True)
 
 
-def _write_json(path: str, obj) -> None:
+def write_json(path: str, obj) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=1, sort_keys=True)))
 
 
@@ -323,37 +368,6 @@ def load_world(root: str, key: str) -> np.ndarray | None:
     return np.load(path) if os.path.exists(path) else None
 
 
-def split_keys(keys, holdout: float = 0.01, seed: int = 0) -> tuple[list[str], list[str]]:
-    """Deterministic split: sorted keys, seeded shuffle, a fixed fraction (at least one) held out."""
-    keys = sorted(keys)
-    held = set(np.random.default_rng(seed).permutation(len(keys))[:max(1, round(holdout * len(keys)))])
-    return ([k for i, k in enumerate(keys) if i not in held], [k for i, k in enumerate(keys) if i in held])
-
-
-def _locate(ends: np.ndarray, i: int) -> tuple[int, int]:
-    """Item i -> (video, item within it), given ends = [0, cumulative item counts of the videos]."""
-    if not 0 <= i < ends[-1]:
-        raise IndexError(f"item {i} outside the dataset of {ends[-1]} items")
-    v = int(np.searchsorted(ends, i, side="right")) - 1
-    return v, i - int(ends[v])
-
-
-class FrameDataset(torch.utils.data.Dataset):
-    """Every (video, frame) of a frame store; item = float32 (3, H, W) in [0, 1]. Deterministic."""
-    def __init__(self, root: str, keys=None):
-        index = load_index(root)
-        self.root, self.keys = root, sorted(index) if keys is None else list(keys)
-        self.ends = np.cumsum([0] + [index[k] for k in self.keys])
-
-    def __len__(self):
-        return int(self.ends[-1])
-
-    def __getitem__(self, i):
-        v, f = _locate(self.ends, i)
-        frame = read_frames(self.root, self.keys[v], f, f + 1)[0]
-        return torch.from_numpy(frame).permute(2, 0, 1).float() / 255  # (3, H, W)
-
-
 # --------------------------------- latent store (train.py --stage encode): KEY/l{level}.npy (frames, T_l, C)
 
 def write_latents(root: str, key: str, levels: list[np.ndarray], actions: np.ndarray) -> None:
@@ -374,27 +388,6 @@ def read_latents(root: str, key: str, level: int, start: int, stop: int) -> np.n
     return np.array(np.load(os.path.join(root, key, f"l{level}.npy"), mmap_mode="r")[start:stop])
 
 
-class ChunkDataset(torch.utils.data.Dataset):
-    """Every (video, start) with start in [0, frames - chunk_frames] of a latent store. Deterministic."""
-    def __init__(self, root: str, keys, chunk_frames: int, levels=None):
-        self.root, self.keys, self.N = root, list(keys), chunk_frames
-        self.levels = list(levels) if levels is not None else \
-            [l for l in range(16) if os.path.exists(os.path.join(root, self.keys[0], f"l{l}.npy"))]
-        index = load_index(root)                    # {key: frames}: no file opened per video (200k of them)
-        self.ends = np.cumsum([0] + [max(0, index[k] - chunk_frames + 1) for k in self.keys])
-
-    def __len__(self):
-        return int(self.ends[-1])
-
-    def __getitem__(self, i):
-        v, start = _locate(self.ends, i)
-        key = self.keys[v]
-        latents = [torch.from_numpy(read_latents(self.root, key, l, start, start + self.N).astype(np.float32))
-                   for l in self.levels]                                          # (N, T_l, C) each
-        act = np.load(os.path.join(self.root, key, "actions.npy"), mmap_mode="r")[start:start + self.N, 0]
-        return dict(latents=latents, actions=torch.from_numpy(act.astype(np.int64)), key=key, start=start)
-
-
 # ---------------------------------- maze generation: plan (world, actions, real path), then render and write
 
 def _plan(cfg: MazeConfig, split: str, i: int):
@@ -410,7 +403,7 @@ def _plan(cfg: MazeConfig, split: str, i: int):
     return world, poses[pick], float(d[pick])
 
 
-def _write_video(out: str, key: str, cfg: MazeConfig, world: np.ndarray, poses: np.ndarray) -> None:
+def _write_maze_video(out: str, key: str, cfg: MazeConfig, world: np.ndarray, poses: np.ndarray) -> None:
     write_frames(os.path.join(out, f"{key}.frames"), render(world, poses, cfg.size, cfg.fov), len(poses))
     _save_npy(os.path.join(out, f"{key}.world.npy"), world)
     _save_npy(os.path.join(out, f"{key}.npy"), poses)
@@ -428,25 +421,22 @@ def make_maze(out: str, cfg: MazeConfig, split: str = "train") -> dict:
     """Write a maze frame store to `out`; index.json is removed first and written last, so a killed run
     leaves no index. Train: cfg.videos walks. Test: of cfg.pool · cfg.test_videos loop-biased candidates,
     the cfg.test_videos that covered the most distance (drops stuck agents, App. A.1)."""
-    if split not in ("train", "test"):
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-    if not 0 < cfg.context < cfg.frames:
-        raise ValueError(f"context must be in 1 .. frames - 1 = {cfg.frames - 1}, got {cfg.context}")
+    if split not in ("train", "test") or not 0 < cfg.context < cfg.frames:
+        raise ValueError(f"split {split!r}, context {cfg.context}: expected 'train' or 'test', 0 < context < frames")
     Path(out, "index.json").unlink(missing_ok=True)    # rewriting a store: unmark it first
     n = cfg.videos if split == "train" else cfg.test_videos
-    plans = _map(_plan, [(cfg, split, i) for i in range(n if split == "train" else cfg.pool * n)],
-                 cfg.workers)
+    plans = _map(_plan, [(cfg, split, i) for i in range(n if split == "train" else cfg.pool * n)], cfg.workers)
     if split == "test":
         far = np.argsort([-path_stats(p)["distance"] for _, p, _ in plans], kind="stable")[:n]
         plans = [plans[i] for i in sorted(far)]
     keys = [f"{i // 1000:03d}/{i % 1000:03d}" for i in range(n)]    # Loopcraft's key of video i
-    _map(_write_video, [(out, k, cfg, w, p) for k, (w, p, _) in zip(keys, plans)], cfg.workers)
+    _map(_write_maze_video, [(out, k, cfg, w, p) for k, (w, p, _) in zip(keys, plans)], cfg.workers)
     stats = {s: float(np.mean([path_stats(p)[s] for _, p, _ in plans])) for s in ("forward", "moved")}
     meta = dict(source="maze", size=cfg.size, fps=20, split=split, context=cfg.context,
                 config={k: v for k, v in asdict(cfg).items() if k != "workers"},   # bytes independent of workers
                 chamfer=float(np.mean([c for _, _, c in plans])), **stats)
-    _write_json(os.path.join(out, "meta.json"), meta)
-    _write_json(os.path.join(out, "index.json"), {k: cfg.frames for k in keys})
+    write_json(os.path.join(out, "meta.json"), meta)
+    write_json(os.path.join(out, "index.json"), {k: cfg.frames for k in keys})
     return meta
 
 
@@ -488,8 +478,8 @@ def prepare(src: str, dst: str, workers: int = 2) -> dict[str, int]:
     (w, h), *others = sizes
     if others or w != h:                            # every stage assumes one square frame size
         raise ValueError(f"{src}: videos must all have one square size, got (w, h) {sizes}")
-    _write_json(os.path.join(dst, "meta.json"), dict(source="loopcraft", size=h, fps=20, context=256))
-    _write_json(os.path.join(dst, "index.json"), dict(sorted(index.items())))
+    write_json(os.path.join(dst, "meta.json"), dict(source="loopcraft", size=h, fps=20, context=MazeConfig().context))
+    write_json(os.path.join(dst, "index.json"), dict(sorted(index.items())))
     return index
 
 
@@ -519,6 +509,19 @@ def draw_map(world: np.ndarray | None, poses: np.ndarray, split: int, size: int)
     return np.asarray(img)
 
 
+def write_video(path: str, frames, fps: int = 20) -> None:
+    """np.uint8 (H, W, 3) frames -> a .gif (Pillow) or an H.264 .mp4 (imageio-ffmpeg), atomically."""
+    def write(tmp):
+        if path.endswith(".gif"):
+            first, *rest = (Image.fromarray(f) for f in frames)
+            return first.save(tmp, save_all=True, append_images=rest, duration=round(1000 / fps), loop=0)
+        import imageio.v2 as imageio
+        with imageio.get_writer(tmp, fps=fps, codec="libx264", macro_block_size=1, quality=8) as w:
+            for f in frames:  # H.264 with yuv420p needs even sides
+                w.append_data(np.pad(f, ((0, f.shape[0] % 2), (0, f.shape[1] % 2), (0, 0))))
+    atomic_write(path, write)
+
+
 def show(root: str, key: str, out: str, side: int = 256) -> None:
     """The video next to the map (PNG: 8 moments; GIF/MP4: every frame)."""
     frames, poses, world = read_frames(root, key), read_actions(root, key), load_world(root, key)
@@ -527,12 +530,10 @@ def show(root: str, key: str, out: str, side: int = 256) -> None:
     def panel(t):
         view = np.asarray(Image.fromarray(frames[t]).resize((side, side), Image.NEAREST))
         return np.concatenate([view, draw_map(world, poses[:t + 1], split, side)], 1)  # (side, 2·side, 3)
-    if out.lower().endswith(".png"):
-        times = np.linspace(0, len(frames) - 1, 8).round().astype(int)
-        return Image.fromarray(np.concatenate([panel(t) for t in times], 0)).save(out)
-    import imageio                                  # 20 fps: GIF frames last 50 ms
-    speed = dict(duration=50, loop=0) if out.lower().endswith(".gif") else dict(fps=20)
-    imageio.v2.mimwrite(out, [panel(t) for t in range(len(frames))], **speed)
+    if not out.lower().endswith(".png"):
+        return write_video(out, [panel(t) for t in range(len(frames))])
+    sheet = np.concatenate([panel(t) for t in np.linspace(0, len(frames) - 1, 8).round().astype(int)], 0)
+    atomic_write(out, lambda tmp: Image.fromarray(sheet).save(tmp))
 
 
 def bench(cfg: MazeConfig) -> None:
@@ -549,14 +550,15 @@ def bench(cfg: MazeConfig) -> None:
             dt = (time.perf_counter() - t) / count
             print(f"generate {split}: {cfg.frames / dt:,.0f} frames/s, {cfg.workers} workers, writing included "
                   f"({count} videos; all {total} would take {total * dt / 60:.1f} min)")
-        frames, t = FrameDataset(os.path.join(tmp, "train")), time.perf_counter()
-        for i in np.random.default_rng(0).integers(len(frames), size=2000):
-            frames[int(i)]
-        print(f"random single-frame reads (FrameDataset items): {2000 / (time.perf_counter() - t):,.0f}/s")
+        root, rng, t = os.path.join(tmp, "train"), np.random.default_rng(0), time.perf_counter()
+        for key, f in zip(rng.choice(sorted(load_index(root)), 2000), rng.integers(cfg.frames, size=2000).tolist()):
+            read_frames(root, str(key), f, f + 1)
+        print(f"random single-frame reads: {2000 / (time.perf_counter() - t):,.0f}/s")
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="maze and bench take any MazeConfig "
+                                "setting as --key=value (--videos counts the chosen split's videos)")
     sub = p.add_subparsers(dest="cmd", required=True)
     prep = sub.add_parser("prepare", help="released Loopcraft layout -> frame store")
     prep.add_argument("src")
@@ -571,18 +573,20 @@ def main(argv=None) -> None:
     for q in maze, sub.add_parser("bench", help="print rendering, generation and frame-read speeds"):
         q.add_argument("--split", choices=["train", "test"], default="train")
         q.add_argument("--preset", choices=sorted(PRESETS), default="toy")
-        for f in fields(MazeConfig):                # --videos counts the chosen split's videos
-            q.add_argument(f"--{f.name}", type=type(getattr(MazeConfig, f.name)))
-    a = p.parse_args(argv)
+    a, rest = p.parse_known_args(argv)
+    if a.cmd in ("prepare", "show") and rest:
+        p.error(f"unrecognized arguments: {' '.join(rest)}")
     if a.cmd == "prepare":
         return print(f"prepared {len(prepare(a.src, a.dst, a.workers))} videos into {a.dst}")
     if a.cmd == "show":
         return show(a.root, a.key, a.out)
-    over = {f.name: getattr(a, f.name) for f in fields(MazeConfig) if getattr(a, f.name) is not None}
+    over = parse_overrides(rest)
     if a.split == "test" and "videos" in over:
         over["test_videos"] = over.pop("videos")
-    cfg = maze_config(a.preset, **over)
-    print(cfg)
+    try:
+        print(cfg := maze_config(a.preset, **over))
+    except ValueError as e:
+        p.error(str(e))
     if a.cmd == "bench":
         return bench(cfg)
     t = time.perf_counter()

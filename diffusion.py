@@ -10,9 +10,9 @@ The dense FramePack baseline (§5 Q3, Fig. 11, App. A.2) is the same network wit
 stage: it sees only level-0 latents, and older context frames are packed by space-to-depth with a
 2^k x 2^k kernel (one Linear per group k), so a frame in group k costs T_0 / 4^k tokens.
 
-    python diffusion.py bench --preset tiny|toy|paper --device cpu|cuda    # training throughput
+It knows nothing of rollout strategies: `loss` and `ddim_sample` take one step's tokens and a mask of
+those to denoise (rollout.py lays steps out; `python rollout.py bench` runs `bench` on a real step).
 """
-import argparse
 import math
 import time
 from dataclasses import dataclass
@@ -21,9 +21,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import rollout
-from rollout import CONTEXT, DENOISED  # token roles (UNSEEN cells never reach the model)
-from tokenizer import Block, preset_config, sincos_embed
+import data
+import tokenizer
+from tokenizer import AdaLNBlock, modulate, per_token, sincos_embed
 
 
 @dataclass
@@ -34,22 +34,13 @@ class DiTConfig:
     heads: int = 12
     mlp_ratio: int = 4
     channels: int = 32              # latent channels C of the autoencoder
-    levels: int = 4                 # hierarchy levels; for the dense model: patch groups k = 0..levels-1
+    levels: int = 4                 # hierarchy levels; for the dense model: packing groups k = 0..levels-1
     num_actions: int = 3            # 0 forward, 1 left, 2 right
+    dense: bool = False             # the dense FramePack input stage (§5 Q3): level-0 tokens, groups packed
     # diffusion (App. A.2 "Generative Model Training Setup", "Inference Details")
     shift: float = 1.0              # schedule shift; the paper uses 1.0 for every level
     logsnr_bound: float = 15.0      # logSNR runs from +15 (t = 0) to -15 (t = 1)
     cfg_dropout: float = 0.1        # classifier-free-guidance dropout per sample
-    # rollout strategy the model is trained for (rollout.py; App. A.2 "Model-Specific Details"), kept here
-    # so generation rebuilds it from a checkpoint. "framepack" is the paper's dense baseline model.
-    strategy: str = "millivid"      # millivid | framepack | fullres | framepack_hier | framepack_mirrored | upscale
-    frames_per_level: tuple = (3, 12, 48, 192)    # MilliVid W; 3840 tokens with extra_budget 768
-    extra_budget: int = 768
-    framepack_denoised: int = 3                    # FramePack d; 3 x 256 + 3072 context = 3840 tokens
-    framepack_context: tuple = (3, 12, 48, 192)    # FramePack K per level / group
-    framepack_mirrored: tuple = (3, 12, 48, 192)   # mirrored FramePack D per level (rollout.py's default: = K)
-    fullres_frames: int = 14                       # full-resolution rollout n: 7 + 7 frames, 3584 tokens
-    upscale_frames: int = 2                        # rollout + upscale base frames B (rollout.py's default)
     # video training (App. A.2): per-device batch, Muon + AdamW, linear warmup (train.py clips at 1.0)
     batch_size: int = 48
     steps: int = 192_000
@@ -58,38 +49,32 @@ class DiTConfig:
     warmup: int = 2000
 
     def __post_init__(self):
-        strategies = ("millivid", "framepack", "fullres", "framepack_hier", "framepack_mirrored", "upscale")
         for ok, name, expected in [
                 (self.width % 6 == 0 and self.width % self.heads == 0, "width", f"divisible by 6 (3D sin/cos) "
                  f"and by heads={self.heads}"),
-                (self.strategy in strategies, "strategy", f"one of {strategies}"),
                 (self.shift > 0, "shift", "> 0"),
                 (0 <= self.cfg_dropout <= 1, "cfg_dropout", "in [0, 1]")]:
             if not ok:
                 raise ValueError(f"DiTConfig.{name} = {getattr(self, name)!r}: expected {expected}")
 
-    @property
-    def dense_framepack(self):
-        """The paper's FramePack baseline: level-0 tokens only, context packed 2^k x 2^k per group k."""
-        return self.strategy == "framepack"
+
+def _latents(preset):  # what the DiT models: the latent channels and levels of the preset's autoencoder
+    ae = tokenizer.ae_config(preset)
+    return dict(channels=ae.channels, levels=ae.levels)
 
 
 PRESETS = {
     "paper": {},
-    # toy: 64x64 frames, patch 8 -> 64/16/4/1 tokens per level, 320-token steps; minutes on one GPU
-    "toy": dict(depth=6, width=384, heads=6, channels=16, levels=4, frames_per_level=(1, 4, 16, 64),
-                extra_budget=64, framepack_denoised=1, framepack_context=(1, 4, 16, 64),
-                framepack_mirrored=(1, 4, 16, 64), fullres_frames=5, batch_size=32, steps=20_000, warmup=500),
-    # tiny: 32x32 frames -> 16/4/1 tokens per level, 64-token steps; CPU tests
-    "tiny": dict(depth=2, width=48, heads=2, channels=8, levels=3, frames_per_level=(1, 4, 16),
-                 extra_budget=16, framepack_denoised=1, framepack_context=(1, 4, 16),
-                 framepack_mirrored=(1, 4, 16), fullres_frames=4, batch_size=16, steps=400, warmup=40),
+    # toy: 64/16/4/1 tokens per level, 320-token steps; minutes on one GPU
+    "toy": dict(depth=6, width=384, heads=6, batch_size=32, steps=20_000, warmup=500, **_latents("toy")),
+    # tiny: 16/4/1 tokens per level, 64-token steps; CPU tests
+    "tiny": dict(depth=2, width=48, heads=2, batch_size=16, steps=400, warmup=40, **_latents("tiny")),
 }
 
 
 def dit_config(preset="paper", **overrides) -> DiTConfig:
-    """The named preset's DiTConfig with strict `overrides` (tokenizer.preset_config)."""
-    return preset_config(DiTConfig, PRESETS, preset, overrides)
+    """The named preset's DiTConfig with strict `overrides` (data.make_config)."""
+    return data.make_config(DiTConfig, PRESETS, preset, overrides)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -123,40 +108,10 @@ def sincos_3d(frame, row, col, width):
 
 
 # ----------------------------------------------------------------------------------------------------
-# The DiT block: the tokenizer's pre-norm Block (attention with q/k RMS-norm, MLP) plus adaLN-Zero.
-# Unlike the tokenizer decoder's AdaLNBlock (one condition per sample), every token here has its own
-# (t, level, action), but a batch holds only a few distinct ones: computing the modulation once per
-# distinct value, not per token, saves a fifth (paper size, 3840 tokens) to a third (toy) of the
-# training FLOPs.
-
-def gather(table, index):
-    """Rows of table (U, D) for index (B, T) -> (B, T, D). (index_select: its backward is ~10x faster on
-    CPU than that of table[index].)"""
-    return table.index_select(0, index.flatten()).unflatten(0, index.shape)
-
-
-def modulate(x, shift, scale, index):
-    """adaLN: x·(1 + scale) + shift per token, from the (U, D) rows of the distinct conditionings."""
-    return torch.addcmul(gather(shift, index), x, gather(1 + scale, index))
-
-
-class DiTBlock(Block):
-    """DiT block with adaLN-Zero, the conditioning being per token (each token has its own t, level, action).
-    Full bidirectional attention, no mask."""
-
-    def __init__(self, width, heads, mlp_ratio):
-        super().__init__(width, heads, mlp_ratio)
-        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))
-
-    def forward(self, x, c, index):
-        # c: (U, D) the few distinct conditioning vectors of the batch, index: (B, T) which one each token
-        # uses. The modulation is computed once per distinct c and gathered: the same numbers as a
-        # per-token Linear, at U/(B T) of its cost (U is tens, B T is thousands).
-        shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(c).chunk(6, dim=-1)  # 6 x (U, D)
-        # x + gate · attn(adaLN(x)), then x + gate · mlp(adaLN(x)); zero gates at init: identity block
-        x = torch.addcmul(x, gather(gate1, index), self.attn(modulate(self.norm1(x), shift1, scale1, index)))
-        return torch.addcmul(x, gather(gate2, index), self.mlp(modulate(self.norm2(x), shift2, scale2, index)))
-
+# The DiT's blocks are tokenizer.AdaLNBlock with per-token conditioning: every token has its own
+# (t, level, action), but a batch holds only a few distinct ones, so the modulation is computed once per
+# distinct value and gathered (per_token): the same numbers as a per-token Linear, saving a fifth (paper
+# size, 3840 tokens) to a third (toy) of the training FLOPs.
 
 class FinalLayer(nn.Module):
     """adaLN + Linear back to the C latent channels (DiT); zero-initialised, so v starts at 0."""
@@ -164,12 +119,12 @@ class FinalLayer(nn.Module):
     def __init__(self, width, channels):
         super().__init__()
         self.norm = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
-        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
         self.out = nn.Linear(width, channels)
 
     def forward(self, x, c, index):
-        shift, scale = self.ada(c).chunk(2, dim=-1)  # 2 x (U, D)
-        return self.out(modulate(self.norm(x), shift, scale, index))
+        shift, scale = (per_token(m, index) for m in self.adaLN_modulation(c).chunk(2, dim=-1))  # 2 x (B, T, D)
+        return self.out(modulate(self.norm(x), shift, scale))
 
 
 def space_to_depth(a, frames, h, w, p):
@@ -189,15 +144,15 @@ class VideoDiT(nn.Module):
 
     x_t (B, T, C); t (B, T) in [0, 1] per token; frame/level/row/col long (B, T) or (T,); action long
     (B, T) or (T,) with -1 = dropped (zero embedding, for CFG). Frames are made relative inside.
-    Dense FramePack (cfg.dense_framepack): tokens are raw level-0 tokens laid out by
-    rollout.step_layout(dense=True) (level-major, frame, row-major; `level` = group k); v is returned
-    for the k = 0 tokens and is 0 on the packed context groups."""
+    Dense FramePack (cfg.dense): tokens are raw level-0 tokens laid out by rollout.step_layout(dense=True)
+    (level-major, frame, row-major; `level` = group k); v is returned for the k = 0 tokens and is 0 on
+    the packed context groups."""
 
     def __init__(self, cfg: DiTConfig):
         super().__init__()
         self.cfg = cfg
         D, C = cfg.width, cfg.channels
-        if cfg.dense_framepack:
+        if cfg.dense:
             # one Linear(C 4^k -> D) per group k: a 2^k x 2^k patch of level-0 tokens becomes one token
             self.embed = nn.ModuleList([nn.Linear(C * 4 ** k, D) for k in range(cfg.levels)])
         else:
@@ -205,11 +160,20 @@ class VideoDiT(nn.Module):
         self.t_embed = nn.Sequential(nn.Linear(256, D), nn.SiLU(), nn.Linear(D, D))
         self.level_embed = nn.Embedding(cfg.levels, D)
         self.action_embed = nn.Embedding(cfg.num_actions, D)
-        self.blocks = nn.ModuleList([DiTBlock(D, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth)])
+        self.blocks = nn.ModuleList([AdaLNBlock(D, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth)])
         self.final = FinalLayer(D, C)
-        self.init_weights()
+        self.initialize_weights()
 
-    def init_weights(self):
+    @classmethod
+    def from_checkpoint(cls, path, device="cpu"):
+        """The trained video model of a checkpoint file (or a run folder's newest), rebuilt from the config
+        stored in it alone; in eval mode on `device`. (Its rollout strategy: rollout.RolloutConfig.from_checkpoint.)"""
+        ckpt = tokenizer.read_checkpoint(path, "video")
+        model = cls(DiTConfig(**ckpt["config"]["model"]))
+        model.load_state_dict(ckpt["model"])
+        return model.to(device).eval()
+
+    def initialize_weights(self):
         # Linear layers (token embeddings, attention, MLP): Xavier-uniform, zero bias (DiT)
         for m in self.modules():
             if isinstance(m, nn.Linear):
@@ -220,10 +184,10 @@ class VideoDiT(nn.Module):
             nn.init.normal_(m.weight, std=0.02)
         # adaLN-Zero: every block's shift/scale/gate start at 0, so each block starts as the identity
         for block in self.blocks:
-            nn.init.zeros_(block.ada[1].weight)
-            nn.init.zeros_(block.ada[1].bias)
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
         # final layer: zero modulation and zero output Linear -> the model predicts exactly v = 0 at init
-        for m in [self.final.ada[1], self.final.out]:
+        for m in [self.final.adaLN_modulation[-1], self.final.out]:
             nn.init.zeros_(m.weight)
             nn.init.zeros_(m.bias)
 
@@ -244,14 +208,14 @@ class VideoDiT(nn.Module):
         B, T, _ = x_t.shape
         h, w = int(row.max()) + 1, int(col.max()) + 1  # the level-0 grid
         if not (level == level[:1]).all() or (level[:, 1:] < level[:, :-1]).any():
-            raise ValueError("VideoDiT(dense_framepack): level (group k) must be level-major and equal across "
+            raise ValueError("VideoDiT(dense): level (group k) must be level-major and equal across "
                              "the batch, as rollout.step_layout(dense=True) lays it out")
         counts = torch.bincount(level[0], minlength=self.cfg.levels).tolist()  # raw tokens per group
         tokens, meta, start = [], [], 0
         for k, n in enumerate(counts):
             p, frames, cells = 2 ** k, n // (h * w), slice(start, start + n)
             if n % (h * w) or h % p or w % p:
-                raise ValueError(f"VideoDiT(dense_framepack): group {k} has {n} tokens, not whole {h}x{w} "
+                raise ValueError(f"VideoDiT(dense): group {k} has {n} tokens, not whole {h}x{w} "
                                  f"frames divisible into {p}x{p} patches")
             tokens.append(self.embed[k](space_to_depth(x_t[:, cells], frames, h, w, p)))  # (B, F_k h w / p², D)
             # a packed token keeps its top-left token's (t, frame, level, action), equal over the patch, and
@@ -270,7 +234,7 @@ class VideoDiT(nn.Module):
             raise ValueError(f"VideoDiT: level must lie in [0, {L}) and action in [-1, {A}), got levels "
                              f"{level.unique().tolist()}, actions {action.unique().tolist()}")
         t = t.float().expand(B, T)
-        if self.cfg.dense_framepack:
+        if self.cfg.dense:
             h, t, frame, level, row, col, action, n0 = self.pack(x_t, t, frame, level, row, col, action)
         else:
             h, n0 = self.embed(x_t), T  # (B, T, D)
@@ -299,18 +263,18 @@ def _noise(fn, shape, generator, like):
     return fn(shape, generator=generator, device=device, dtype=like.dtype).to(like.device)
 
 
-def loss(model, x, role, frame, level, row, col, action, cfg_drop=0.1, generator=None, keep_actions=None):
-    """v-prediction MSE over DENOISED tokens (§3.2, App. A.2). x (B, T, C) clean latents, role (B, T).
+def loss(model, x, denoised, frame, level, row, col, action, cfg_drop=0.1, generator=None, keep_actions=None):
+    """v-prediction MSE over the tokens to denoise (§3.2, App. A.2). x (B, T, C) clean latents; denoised
+    (B, T) or (T,) bool: True for DENOISED tokens, False for CONTEXT.
 
     One t ~ U(0, 1) per sample for its DENOISED tokens; CONTEXT at t = 0. CFG dropout: with probability
     cfg_drop a sample's context goes to t = 1 (pure noise) and its actions are dropped (-1). The paper's
     dense FramePack model keeps its actions (App. A.2); keep_actions=None follows the model's config."""
     cfg = _config_of(model)
-    keep_actions = cfg.dense_framepack if keep_actions is None else keep_actions
+    keep_actions = cfg.dense if keep_actions is None else keep_actions
     B, T, _ = x.shape
-    role, action = role.expand(B, T), action.expand(B, T)
-    denoised = role == DENOISED
-    if cfg.dense_framepack and (denoised & (level > 0)).any():
+    denoised, action = denoised.expand(B, T), action.expand(B, T)
+    if cfg.dense and (denoised & (level > 0)).any():
         raise ValueError("loss: the dense FramePack model only predicts group k = 0 tokens; DENOISED tokens "
                          "must have level 0 (rollout.step_layout(dense=True) lays them out so)")
     t_sample = _noise(torch.rand, (B, 1), generator, x)  # one t per sample
@@ -333,17 +297,17 @@ def loss(model, x, role, frame, level, row, col, action, cfg_drop=0.1, generator
 
 
 @torch.no_grad()
-def ddim_sample(model, x, role, frame, level, row, col, action, steps=50, cfg_scale=1.0, generator=None,
+def ddim_sample(model, x, denoised, frame, level, row, col, action, steps=50, cfg_scale=1.0, generator=None,
                 keep_actions=None):
     """Deterministic DDIM for one rollout step (App. A.2): returns x with its DENOISED tokens generated.
 
-    x (B, T, C): CONTEXT tokens clean, DENOISED tokens anything (ignored). Times run over
+    x (B, T, C): CONTEXT tokens clean, DENOISED tokens (denoised (B, T) or (T,) True) anything (ignored). Times run over
     linspace(1, 0, steps + 1) on the training schedule; CONTEXT stays at t = 0. With cfg_scale != 1 an
     unconditional pass (context at t = 1, actions dropped unless keep_actions) guides: v = v_u + s (v_c - v_u)."""
     cfg = _config_of(model)
-    keep_actions = cfg.dense_framepack if keep_actions is None else keep_actions
+    keep_actions = cfg.dense if keep_actions is None else keep_actions
     B, T, _ = x.shape
-    denoised = (role == DENOISED).expand(B, T)
+    denoised = denoised.expand(B, T)
     uncond_action = action if keep_actions else torch.full_like(action.expand(B, T), -1)
     eps_hat = _noise(torch.randn, x.shape, generator, x)  # one ε per token, fixed for CONTEXT
     # DENOISED start from x̂ = 0, so the first x_t is pure noise whatever the buffer holds there
@@ -372,15 +336,8 @@ def ddim_sample(model, x, role, frame, level, row, col, action, steps=50, cfg_sc
 
 
 # ----------------------------------------------------------------------------------------------------
-# Throughput benchmark: python diffusion.py bench --preset tiny|toy|paper --device cpu|cuda
-
-def bench_step(cfg, preset):
-    """The preset's last MilliVid step (level-0 target), as (T,) tensors role, frame, level, row, col."""
-    g0 = math.isqrt(rollout.PRESETS[preset]["tokens_per_frame"])  # level-0 latent grid side
-    step = rollout.millivid_steps(list(cfg.frames_per_level), cfg.extra_budget, g0 * g0)[-1]
-    layout = rollout.step_layout(step.selection, [(g0 >> l, g0 >> l) for l in range(cfg.levels)])
-    return [torch.from_numpy(layout[k]) for k in ("role", "frame", "level", "row", "col")]
-
+# Throughput benchmark (python rollout.py bench --preset tiny|toy|paper --device cpu|cuda runs it on the
+# preset's real MilliVid step)
 
 def train_flops(cfg, batch, tokens):
     """Model FLOPs of one training step, backward = 2 x forward. Per token and block: 2 (4 + 2 mlp) D^2
@@ -419,20 +376,20 @@ def train_step(model, objective, device):
 PEAK_BF16_TFLOPS = {"H200": 989, "H100 PCIe": 756, "H100": 989, "A100": 312, "L40S": 362, "4090": 165}
 
 
-def bench(preset, device, batch, iters, rounds=3):
-    """Training tokens/s of VideoDiT (all of loss(): noise, forward, backward, AdamW) against a plain
-    nn.TransformerEncoder of the same width, depth, heads and sequence length, in the same run. On CUDA
-    also VideoDiT's step time, peak memory and model-FLOPs utilisation (bf16 autocast)."""
-    cfg = dit_config(preset)
-    role, frame, level, row, col = (a.to(device) for a in bench_step(cfg, preset))
-    tokens = len(role)
-    print(f"bench: preset {preset}, device {device}, batch {batch} x {tokens} tokens, DiT depth {cfg.depth} "
-          f"width {cfg.width} heads {cfg.heads}, {torch.get_num_threads()} CPU threads")
+def bench(cfg, layout, device, batch, iters, rounds=3):
+    """Training tokens/s of VideoDiT(cfg) (all of loss(): noise, forward, backward, AdamW) on one step's
+    layout (dict of (T,) tensors denoised, frame, level, row, col) against a plain nn.TransformerEncoder of
+    the same width, depth, heads and sequence length, in the same run. On CUDA also VideoDiT's step time,
+    peak memory and model-FLOPs utilisation (bf16 autocast)."""
+    denoised, frame, level, row, col = (layout[k].to(device) for k in ("denoised", "frame", "level", "row", "col"))
+    tokens = len(frame)
+    print(f"bench: device {device}, batch {batch} x {tokens} tokens, DiT depth {cfg.depth} width {cfg.width} "
+          f"heads {cfg.heads}, {torch.get_num_threads()} CPU threads")
     g = torch.Generator(device).manual_seed(0)
     x = torch.randn(batch, tokens, cfg.channels, device=device, generator=g)
     action = torch.randint(0, cfg.num_actions, (batch, tokens), device=device, generator=g)
     dit = VideoDiT(cfg).to(device)
-    dit_step = train_step(dit, lambda: loss(dit, x, role, frame, level, row, col, action, generator=g), device)
+    dit_step = train_step(dit, lambda: loss(dit, x, denoised, frame, level, row, col, action, generator=g), device)
     if device == "cuda":  # peak memory of the DiT's step alone, before the baseline exists
         torch.cuda.reset_peak_memory_stats()
         dit_step()
@@ -456,23 +413,3 @@ def bench(preset, device, batch, iters, rounds=3):
         peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in gpu), None)
         mfu = f"{100 * train_flops(cfg, batch, tokens) / sec_dit / (peak * 1e12):.1f}%" if peak else "n/a"
         print(f"  VideoDiT on {gpu}, bf16: {1e3 * sec_dit:.0f} ms/step, peak memory {memory:.1f} GiB, MFU {mfu}")
-
-
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="diffusion.py: training throughput of the video DiT")
-    parser.add_argument("command", choices=["bench"])
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--preset", choices=list(PRESETS), help="default: paper on CUDA, tiny on CPU")
-    parser.add_argument("--batch", type=int, help="default: 48 on CUDA (the paper's), on CPU 16 / 4 / 1")
-    parser.add_argument("--iters", type=int, default=5)
-    args = parser.parse_args()
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("bench: --device cuda but CUDA is not available here; skipped (use --device cpu)")
-        raise SystemExit(0)
-    preset = args.preset or ("paper" if args.device == "cuda" else "tiny")
-    batch = args.batch or (48 if args.device == "cuda" else {"tiny": 16, "toy": 4, "paper": 1}[preset])
-    try:
-        bench(preset, args.device, batch, args.iters)
-    except torch.cuda.OutOfMemoryError:
-        raise SystemExit(f"bench: out of memory at batch {batch} on "
-                         f"{torch.cuda.get_device_name()}; try a smaller --batch")

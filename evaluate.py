@@ -10,7 +10,7 @@ latents" decodes the video's own latents (upper bound, incl. the autoencoder's e
 decodes another test video's latents at the same frame index (real frames, no consistency).
 
 Frames are channel-last (N, H, W, 3), uint8 in [0, 255] or float in [0, 1]; decoder output is turned
-into uint8 once (`to_uint8`), so metrics see what a viewer sees. Metrics: PSNR (capped at 100 dB), SSIM
+into uint8 once (`tokenizer.to_uint8`), so metrics see what a viewer sees. Metrics: PSNR (capped at 100 dB), SSIM
 (Gaussian 11 / 1.5), LPIPS-AlexNet (when its torchvision weights are on disk), and for the maze, the
 fraction of pixels whose palette base colour agrees (needs no weights). DINOv2, LightGlue, FID and FVD
 need weights we cannot download: the report lists them as unavailable, never skips them silently.
@@ -30,13 +30,17 @@ import torch
 import torch.nn.functional as F
 
 import data
+import diffusion
+import rollout
+import tokenizer
 
 
 @dataclass
 class EvalConfig:
-    context: int = 256                  # ground-truth context frames; generation starts here (App. A.2)
-    total: int = 1024                   # frames per test video; [context, total) is generated
-    buckets: tuple = (64, 256, 768)     # last generated-frame offset of each horizon bucket (Table 1)
+    context: int = data.MazeConfig.context  # ground-truth context frames, 256; generation starts here (App. A.2)
+    total: int = data.MazeConfig.frames     # frames per test video, 1024; [context, total) is generated
+    buckets: tuple = ()                 # last generated-frame offset of each horizon bucket (Table 1); () = the
+                                        # paper's proportions 1/12, 1/3, 1 of the generated frames (64, 256, 768)
     sampling_steps: int = 50            # DDIM steps per rollout step (App. A.2)
     cfg_scale: float = 1.0              # the paper evaluates without CFG (App. A.2)
     batch_size: int = 8                 # videos in lockstep (App. A.3 times batches of 8)
@@ -51,14 +55,18 @@ class EvalConfig:
     out: str = ""                       # "" = {root}/eval
 
 
+def _split(preset):  # the preset's [context, total): data.py states it once for every stage
+    _, context, total = rollout.preset_frames(preset)
+    return dict(context=context, total=total)
+
+
+PRESETS = {"paper": _split("paper"), "toy": dict(num_videos=32, batch_size=16, **_split("toy")),
+           "tiny": dict(num_videos=8, batch_size=4, sampling_steps=20, num_samples=2, **_split("tiny"))}
+
+
 def eval_config(preset="paper", **overrides):
-    """Paper protocol, or the maze presets with the same proportions (CONTRACTS.md preset table)."""
-    presets = {"paper": {}, "toy": dict(context=128, total=384, buckets=(21, 85, 256), num_videos=32, batch_size=16),
-               "tiny": dict(context=32, total=96, buckets=(5, 21, 64), num_videos=8, batch_size=4, sampling_steps=20,
-                            num_samples=2)}
-    if preset not in presets:
-        raise ValueError(f"eval_config: unknown preset {preset!r}, expected one of {sorted(presets)}")
-    return dataclasses.replace(EvalConfig(**presets[preset]), **overrides)
+    """The paper's protocol, or a maze preset's with the same proportions, with strict `overrides`."""
+    return data.make_config(EvalConfig, PRESETS, preset, overrides)
 
 
 # ----------------------------------------------------------------------------- per-frame metrics
@@ -85,11 +93,6 @@ def to_float(frames, device=None, dtype=torch.float32):
         raise ValueError(f"frames: expected (N, H, W, 3) channel-last, got shape {tuple(x.shape)}")
     x = x.to(device)  # uint8 crosses to the device before it grows to float
     return (x.to(dtype) / 255 if x.dtype == torch.uint8 else x.to(dtype)).permute(0, 3, 1, 2)  # (N, 3, H, W)
-
-
-def to_uint8(images):
-    """Decoder output (N, 3, H, W) float in [0, 1] -> np.uint8 (N, H, W, 3)."""
-    return (images.float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
 def _pair(x, y, device=None, dtype=torch.float32):
@@ -128,22 +131,6 @@ def ssim(x, y, device=None, size=11, sigma=1.5, K1=0.01, K2=0.03):
     # SSIM = (2 μx μy + C1)(2 σxy + C2) / ((μx² + μy² + C1)(σx² + σy² + C2))
     s = ((2 * mu_x * mu_y + C1) * (2 * s_xy + C2)) / ((mu_x**2 + mu_y**2 + C1) * (s_xx + s_yy + C2))
     return s.flatten(2).mean(2).mean(1).cpu().numpy()
-
-
-def lpips_alex():
-    """(LPIPS-AlexNet network, None) when torchvision's AlexNet file is in $TORCH_HOME/hub/checkpoints/,
-    else (None, why and how to supply it). Checked first, so torchvision never tries to download it."""
-    from torchvision.models import AlexNet_Weights
-    path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(AlexNet_Weights.IMAGENET1K_V1.url))
-    if not os.path.isfile(path):
-        return None, (f"LPIPS: unavailable (needs weights: torchvision AlexNet, expected at {path}; copy "
-                      f"{os.path.basename(path)} there or point $TORCH_HOME at a folder holding "
-                      f"hub/checkpoints/{os.path.basename(path)})")
-    import warnings
-    import lpips
-    with warnings.catch_warnings():  # lpips still passes torchvision's deprecated `pretrained=True`
-        warnings.simplefilter("ignore", UserWarning)
-        return lpips.LPIPS(net="alex", pretrained=True, verbose=False).eval(), None
 
 
 @torch.no_grad()
@@ -201,8 +188,8 @@ PAPER_PROPORTIONS = (1 / 12, 1 / 3, 1)  # Table 1: 64, 256, 768 of 768 generated
 
 def horizon_buckets(num_generated, ends=None):
     """Horizon buckets as 1-based inclusive offset ranges [(first, last), ...]: from explicit `ends`
-    (paper (64, 256, 768)) or, when None, the paper's proportions of `num_generated`, rounded."""
-    ends = [round(p * num_generated) for p in PAPER_PROPORTIONS] if ends is None else [int(e) for e in ends]
+    (paper (64, 256, 768)) or, when None or empty, the paper's proportions of `num_generated`, rounded."""
+    ends = [round(p * num_generated) for p in PAPER_PROPORTIONS] if not ends else [int(e) for e in ends]
     if not ends or ends[0] < 1 or any(b <= a for a, b in zip(ends, ends[1:])) or ends[-1] > num_generated:
         raise ValueError(f"buckets: expected increasing ends in 1..{num_generated} (generated frames), got {ends}")
     return [(first + 1, last) for first, last in zip([0] + ends[:-1], ends)]
@@ -235,7 +222,7 @@ def decode_frames(decode, z, level=0, device=None, chunk=64):
     decode(z (n, T_l, C), level) -> (n, 3, H, W) in [0, 1], the level-0 output of that level (Fig. 5)."""
     z = (torch.from_numpy(np.asarray(z, dtype=np.float32)) if isinstance(z, np.ndarray) else z.float()).to(device)
     with torch.no_grad():
-        return np.concatenate([to_uint8(decode(z[i:i + chunk], level)) for i in range(0, len(z), chunk)])
+        return np.concatenate([tokenizer.to_uint8(decode(z[i:i + chunk], level)) for i in range(0, len(z), chunk)])
 
 
 # ----------------------------------------------------------------------------- results and report
@@ -400,24 +387,6 @@ def plan_frames(levels, context, display=128):
                               for l, v in enumerate(levels)], axis=1)
 
 
-def write_video(path, frames, fps=20):
-    """Write np.uint8 (H, W, 3) frames atomically: .mp4 (H.264, imageio-ffmpeg) or .gif (Pillow)."""
-    def even(f):  # H.264 with yuv420p needs even sides
-        return np.pad(f, ((0, f.shape[0] % 2), (0, f.shape[1] % 2), (0, 0)))
-
-    def write(tmp):
-        if path.endswith(".gif"):
-            from PIL import Image
-            ims = [Image.fromarray(f) for f in frames]
-            ims[0].save(tmp, save_all=True, append_images=ims[1:], duration=round(1000 / fps), loop=0)
-        else:
-            import imageio.v2 as imageio
-            with imageio.get_writer(tmp, fps=fps, codec="libx264", macro_block_size=1, quality=8) as w:
-                for f in frames:
-                    w.append_data(even(f))
-    data.atomic_write(path, write)
-
-
 def report(out_dir, results, video_ext=".mp4"):
     """Write every output of the evaluation into `out_dir`; returns the path of results.md."""
     summary = summarize(results)
@@ -427,10 +396,10 @@ def report(out_dir, results, video_ext=".mp4"):
     plot_curves(os.path.join(out_dir, "consistency.png"), results)
     for s in results.samples:
         name = s.key.replace("/", "-")  # keys look like "000/012"
-        write_video(os.path.join(out_dir, "videos", name + video_ext),
+        data.write_video(os.path.join(out_dir, "videos", name + video_ext),
                     side_by_side_frames(s, results.context), results.fps)
         for model, levels in s.plans.items():
-            write_video(os.path.join(out_dir, "plans", f"{name}-{model}{video_ext}"),
+            data.write_video(os.path.join(out_dir, "plans", f"{name}-{model}{video_ext}"),
                         plan_frames(levels, results.context), results.fps)
     return os.path.join(out_dir, "results.md")
 
@@ -526,12 +495,10 @@ def evaluate(cfg):
     """The whole protocol on a pipeline folder (what `train.py --stage all` writes): the test split
     ({root}/data/test, {root}/latents/test), the autoencoder ({root}/ae) and every model in cfg.models
     ({root}/video-<name>) rebuilt from their checkpoints alone. Returns the path of results.md."""
-    import rollout
-    from train import git_commit, load_model
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     frames_dir, latents_dir = f"{cfg.root}/data/test", f"{cfg.root}/latents/test"
-    ae = load_model(f"{cfg.root}/ae", device)
+    ae = tokenizer.HierarchicalAutoencoder.from_checkpoint(f"{cfg.root}/ae", device)
     grids, T0 = [list(g) for g in ae.grids], ae.grids[0][0] * ae.grids[0][1]
 
     def decode(z, level):  # one level on its own, every other level zeroed (§3.1); level-0 image out
@@ -548,33 +515,35 @@ def evaluate(cfg):
         def generate(latents, actions):
             with autocast:
                 return rollout.generate(net, steps, latents, actions, cfg.context, cfg.total, grids,
-                                        dense=net.cfg.dense_framepack, num_clipped=clipped,
+                                        dense=net.cfg.dense, num_clipped=clipped,
                                         sampling_steps=cfg.sampling_steps, cfg_scale=cfg.cfg_scale,
                                         generator=torch.Generator(device).manual_seed(cfg.seed))
         return generate
 
     models = []
     for name in cfg.models:
-        net = load_model(f"{cfg.root}/video-{name}", device)
-        steps, clipped = rollout.strategy_steps(net.cfg, T0)
-        cost = rollout.figures(steps, T0, cfg.context, cfg.total, clipped, net.cfg.dense_framepack, cfg.sampling_steps)
+        net = diffusion.VideoDiT.from_checkpoint(f"{cfg.root}/video-{name}", device)
+        steps, clipped = rollout.strategy_steps(rollout.RolloutConfig.from_checkpoint(f"{cfg.root}/video-{name}"), T0)
+        cost = rollout.figures(steps, T0, cfg.context, cfg.total, clipped, net.cfg.dense, cfg.sampling_steps)
         models.append(Model(name, rollout_of(net, steps, clipped), cost["rollout_steps"],
                             cost["nfe"] * (1 if cfg.cfg_scale == 1 else 2)))  # CFG doubles the evaluations
-    lpips_net, why = lpips_alex() if cfg.lpips else (None, "LPIPS: switched off (--lpips=false)")
+    lpips_net, why = tokenizer.lpips_net("alex") if cfg.lpips else (None, "LPIPS: switched off (--lpips=false)")
     with open(os.path.join(frames_dir, "meta.json")) as f:
         palette = data.PALETTE if json.load(f).get("source") == "maze" else None
     keys = sorted(data.load_index(frames_dir))[:cfg.num_videos]
     results = evaluate_videos(cfg, keys, load, decode, models, palette, lpips_net, data.draw_map,
                               {"lpips": why} if why else None, device,
                               lambda key: data.read_latents(latents_dir, key, 0, cfg.context, cfg.total))
-    results.config["git_commit"] = git_commit()
+    results.config["git_commit"] = tokenizer.git_commit()
     return report(cfg.out or f"{cfg.root}/eval", results)
 
 
 if __name__ == "__main__":  # python evaluate.py --preset toy [--root=runs/toy] [--key=value ...]
     import sys
-    from train import apply_overrides, parse_args
-    _, preset, overrides = parse_args(["--stage", "all", *sys.argv[1:]])
-    cfg = eval_config(preset, root=f"runs/{preset}")
-    apply_overrides([cfg], overrides)
+    overrides = data.parse_overrides(sys.argv[1:])
+    preset = overrides.pop("preset", "toy")
+    try:
+        cfg = eval_config(preset, **{"root": f"runs/{preset}", **overrides})
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
     print(evaluate(cfg))

@@ -1,4 +1,5 @@
-"""Rollout strategies as exact step enumerations (paper §3.2, Fig. 2, Fig. 10, Fig. 11, App. A.2-A.3).
+"""Rollout strategies as exact step enumerations, and the generation loop (paper §3.2, Fig. 2, Fig. 10,
+Fig. 11, App. A.2-A.3). The heart of MilliVid.
 
 A video is generated in chunks of N frames; inside a chunk a fixed list of rollout steps runs, one
 transformer sequence each. A step is a grid sel[level, frame] of UNSEEN / CONTEXT / DENOISED: every
@@ -8,12 +9,15 @@ most recent frame and the coarse plan of the future, so super-resolution and tem
 disagree (the stop/go sign of §3.2). All its steps have the same token count, so training stacks
 randomly drawn steps into one batch without padding (§3.2, Training Procedure).
 
-This half is integer bookkeeping (no torch): the strategies, the training distribution, chunk sliding,
-a step's token layout, the cost figures of App. A.3, and a command that prints or draws a strategy:
+Here: `RolloutConfig` (a strategy and its settings, paper defaults and presets), one function per
+strategy returning its steps, the training distribution over steps, chunk sliding, a step's token
+layout, the cost figures of App. A.3, the generation loop `generate`, and a command that prints, draws,
+costs or benchmarks a strategy:
 
-    python rollout.py show millivid --frames-per-level 1 4 16 --extra-budget 256 --tokens 256
+    python rollout.py show millivid --frames-per-level=1,4,16 --extra-budget=256 --tokens 256
     python rollout.py show framepack --preset toy --dense --figures --image framepack.png
     python rollout.py cost --preset paper
+    python rollout.py bench --preset toy --device cuda     # DiT training throughput on a real step
 """
 import argparse
 import math
@@ -23,9 +27,66 @@ from dataclasses import dataclass, replace
 from fractions import Fraction
 
 import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+import data
+import diffusion
+import tokenizer
 
 UNSEEN, CONTEXT, DENOISED = 0, 1, 2
-SYMBOLS = ".CD"  # the notation of ../shared/spec/rollout-example-3-levels.txt
+SYMBOLS = ".CD"  # the text-grid notation (tests/fixtures/rollout-example-3-levels.txt)
+STRATEGIES = ("millivid", "framepack", "fullres", "framepack_hier", "framepack_mirrored", "upscale")
+
+
+@dataclass
+class RolloutConfig:
+    """A rollout strategy and its settings (§4 Models, App. A.2 "Model-Specific Details"), paper defaults:
+    3840 / 3840 / 3584 tokens per step. A video checkpoint stores it beside the DiT's config."""
+    strategy: str = "millivid"                    # one of STRATEGIES; "framepack" is the paper's dense baseline
+    frames_per_level: tuple = (3, 12, 48, 192)    # MilliVid W_l, finest first; its length is the level count
+    extra_budget: int = 768                       # MilliVid: extra context tokens of the target level
+    framepack_denoised: int = 3                   # FramePack d: 3 x 256 + 3072 context = 3840 tokens (dense)
+    framepack_context: tuple = (3, 12, 48, 192)   # FramePack K_l per level (dense: per packing group k)
+    framepack_mirrored: tuple = (3, 12, 48, 192)  # mirrored FramePack D_l (the paper is silent; ours: = K)
+    fullres_frames: int = 14                      # full-resolution rollout n: 7 + 7 frames, 3584 tokens
+    upscale_frames: int = 2                       # rollout + upscale base frames B (the paper is silent)
+
+    def __post_init__(self):
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"RolloutConfig.strategy = {self.strategy!r}: expected one of {', '.join(STRATEGIES)}")
+
+    @property
+    def dense(self):
+        """The dense FramePack baseline: level-0 tokens only, older context packed (diffusion.DiTConfig.dense)."""
+        return self.strategy == "framepack"
+
+    @classmethod
+    def from_checkpoint(cls, path):
+        """The strategy a video model was trained for, from its checkpoint file (or run folder) alone."""
+        return cls(**tokenizer.read_checkpoint(path, "video")["config"]["rollout"])
+
+
+W_TOY, W_TINY = (1, 4, 16, 64), (1, 4, 16)
+PRESETS = {"paper": {},
+           # toy: T_0 = 64, 320 tokens per step for each of MilliVid, dense FramePack, full-res (5 frames)
+           "toy": dict(frames_per_level=W_TOY, extra_budget=64, framepack_denoised=1, framepack_context=W_TOY,
+                       framepack_mirrored=W_TOY, fullres_frames=5),
+           # tiny: T_0 = 16, 64 tokens per step
+           "tiny": dict(frames_per_level=W_TINY, extra_budget=16, framepack_denoised=1, framepack_context=W_TINY,
+                        framepack_mirrored=W_TINY, fullres_frames=4)}
+
+
+def rollout_config(preset="paper", **overrides) -> RolloutConfig:
+    """The named preset's RolloutConfig with strict `overrides` (data.make_config)."""
+    return data.make_config(RolloutConfig, PRESETS, preset, overrides)
+
+
+def preset_frames(preset):
+    """(T_0, start, end) of a preset: level-0 tokens per frame (from its autoencoder) and the generated
+    frames [context, frames) of its videos (from its data)."""
+    ae, video = tokenizer.ae_config(preset), data.maze_config(preset)
+    return (ae.image_size // ae.patch_size) ** 2, video.context, video.frames
 
 
 @dataclass
@@ -50,7 +111,30 @@ def _level_tokens(tokens_per_frame, num_levels):
 
 
 def millivid_steps(frames_per_level, extra_budget, tokens_per_frame):
-    """MilliVid's coarse-to-fine rollout of one chunk (§3.2, Fig. 2, Fig. 10): 1 + 4 + 16 + ... steps."""
+    """MilliVid's coarse-to-fine rollout of one chunk (§3.2, Fig. 2, Fig. 10): 1 + 4 + 16 + ... steps.
+
+    Level l shows W_l frames in every step (W_l T_l tokens: the same for every level when W_(l+1) = 4 W_l),
+    plus E_l = extra_budget / T_l context frames when it is the step's target. The chunk holds
+    N = sum(W) + E_(L-1) frames; the last W_(L-1) are new. Worked example (the tests' fixture): W = (1, 4, 16),
+    extra budget 256 at T_0 = 256, so T = (256, 64, 16), E = (1, 4, 16), N = 37, new frames 21-36; coarsest
+    level on top, `.` unseen, C context, D denoised:
+
+        step 0, target level 2                    step 1, target level 1
+    L2  CCCCCCCCCCCCCCCC.....DDDDDDDDDDDDDDDD      .....................CCCCCCCCCCCCCCCC
+    L1  ................CCCC.................      ................CCCC.DDDD............
+    L0  ....................C................      ....................C................
+        step 2, target level 0                    step 20, target level 0
+    L2  ................CCCC.....CCCCCCCCCCCC      ................CCCCCCCCCCCCCCCC.....
+    L1  .....................CCCC............      ................................CCC.C
+    L0  ....................CD...............      ...................................CD
+
+    Step 0 rolls level 2 sixteen frames ahead (21-36: the "plan") from its own past (0-15, its E_2 extra
+    frames) and the finer present (level 1: 16-19, level 0: 20). Step 1 makes level 1's first window
+    (21-24) with the plan in context at its true place. Step 2 makes level-0 frame 21: level 1 shows the
+    future 21-24, level 2 the rest of its plan (25-36) plus, since four of its sixteen frames are already
+    shown finer, four frames of the past (16-19). Steps 2-5 make frames 21-24 one by one, then step 6
+    moves level 1 on (depth first, Fig. 10); step 20 makes frame 36. Every step: 1024 tokens.
+    """
     W = _positive("frames_per_level", frames_per_level)
     L = len(W)
     if any(W[l + 1] % W[l] for l in range(L - 1)) or extra_budget < 0:
@@ -58,12 +142,18 @@ def millivid_steps(frames_per_level, extra_budget, tokens_per_frame):
                          "multiple of W_l (the paper uses 4x) and the extra budget >= 0")
     T = _level_tokens(tokens_per_frame, L)
     E = [extra_budget // T[l] for l in range(L)]  # extra same-level context frames of a target level
-    N = sum(W) + E[-1]
-    pos = [N - W[-1] - W[l] for l in range(L)]  # window starts, one window before the new region
+    N = sum(W) + E[-1]  # the coarsest target's extra context reaches furthest back: it sets the chunk
+    # pos[l]: where level l's current window of W_l frames starts. They begin one window before the new
+    # region [N - W_(L-1), N), so the first visit of each level moves it onto the region's first frames.
+    pos = [N - W[-1] - W[l] for l in range(L)]
 
     def selection(target):
+        """The grid of the step that denoises level `target`'s current window (pos[target])."""
         sel = np.zeros((L, N), np.int64)
-        left = right = pos[0]  # the visible span [left, right), grown outwards from the present
+        # the visible span [left, right) is grown outwards from the present, finest level first: each
+        # level's W_l frames sit just outside what finer levels already show, so no frame appears at two
+        # levels in one step (except the plan: coarse future frames keep their true place)
+        left = right = pos[0]
         for l in range(L):  # fine (0) to coarse (L-1)
             if l == target:  # its window is generated; the E_T frames just before the span are context
                 sel[l, pos[l]:pos[l] + W[l]] = DENOISED
@@ -84,16 +174,16 @@ def millivid_steps(frames_per_level, extra_budget, tokens_per_frame):
     steps = []
 
     def visit(l):  # depth first: parent before children, children left to right (Fig. 10)
-        pos[l] += W[l]
+        pos[l] += W[l]  # this level's next window: W_l frames further on
         steps.append(Step(selection(l), group=l))
-        for _ in range(W[l] // W[l - 1] if l > 0 else 0):
+        for _ in range(W[l] // W[l - 1] if l > 0 else 0):  # the finer level fills the window just made
             visit(l - 1)
 
     visit(L - 1)
     return steps
 
 
-def baseline_steps(num_frames):
+def fullres_steps(num_frames):
     """Full-resolution autoregressive rollout (§4 Models, Fig. 11): one level, one step, the first n // 2
     frames context, the rest denoised (paper: n = 14, 7 + 7 frames, 3584 tokens)."""
     n = _positive("num_frames", [num_frames], minimum=2)[0]
@@ -126,7 +216,7 @@ def framepack_steps(num_denoised, context_frames_per_level):
 def framepack_mirrored_steps(denoised_frames_per_level, context_frames_per_level):
     """Mirrored FramePack (§5 Q3, Fig. 11): the targets mirror the context. The first D_0 future frames
     are denoised at every level, the next D_1 at level 1 only, and so on. Only the first D_0 are kept:
-    pass num_clipped = sum(D) - D_0 to `schedule`; later chunks regenerate the rest (later writes win)."""
+    pass num_clipped = sum(D) - D_0 to `chunk_starts`; later chunks regenerate the rest (later writes win)."""
     K = _positive("context_frames_per_level", context_frames_per_level, minimum=0)
     D = _positive("denoised_frames_per_level", denoised_frames_per_level, minimum=0)
     if len(D) != len(K) or D[0] < 1:
@@ -176,10 +266,11 @@ def first_denoised(steps):
     return min(int(np.flatnonzero((s.selection == DENOISED).any(0))[0]) for s in steps)
 
 
-def schedule(steps, start, end, num_clipped=0):
-    """Chunks that generate frames [start, end): w = N - D0 - num_clipped finished frames per chunk,
-    chunk k starts at global frame start - D0 + k w. Returns (chunk_starts, the frame count the buffer
-    must hold); the last chunk may overshoot `end` (pad it with zero latents and continued actions)."""
+def chunk_starts(steps, start, end, num_clipped=0):
+    """Chunk sliding: the global first frames of the chunks that generate frames [start, end). A chunk of
+    N frames finishes w = N - D0 - num_clipped frames, so chunk k starts at start - D0 + k w and its
+    first D0 frames (ground truth or earlier chunks' output) are its past. The last chunk may overshoot
+    `end`: the buffer must hold chunk_starts[-1] + N frames (pad with zero latents, continued actions)."""
     N, D0 = steps[0].selection.shape[1], first_denoised(steps)
     w = N - D0 - num_clipped
     if w < 1 or num_clipped < 0:
@@ -187,8 +278,7 @@ def schedule(steps, start, end, num_clipped=0):
     if start < D0 or end <= start:
         raise ValueError(f"start={start}, end={end}: expected D0={D0} <= start < end "
                          "(the first chunk's context is ground truth)")
-    chunk_starts = [start - D0 + k * w for k in range(math.ceil((end - start) / w))]
-    return chunk_starts, chunk_starts[-1] + N
+    return [start - D0 + k * w for k in range(math.ceil((end - start) / w))]
 
 
 def _cells(selection, dense):
@@ -203,7 +293,8 @@ def level_tokens(selection, tokens_per_frame, dense=False):
 
 
 def step_layout(selection, grids, dense=False):
-    """A step's tokens, level-major, then frame ascending, then row-major in the grid (CONTRACTS.md):
+    """A step's tokens, level-major, then frame ascending, then row-major in the grid (the order the
+    autoencoder's tokens and the latent store use):
     int64 arrays (T,) frame, level, row, col, role. dense=True: each frame's finest cell becomes raw
     level-0 tokens (grids[0]) with level = its group k; the dense model packs them itself."""
     L = len(selection)
@@ -228,24 +319,16 @@ def figures(steps, tokens_per_frame, start, end, num_clipped=0, dense=False, sam
     level, (steps, L)), and the cost of generating [start, end): network evaluations = rollout steps x
     sampling steps (App. A.3)."""
     per_level = np.stack([level_tokens(s.selection, tokens_per_frame, dense) for s in steps])
-    chunk_starts, buffer_end = schedule(steps, start, end, num_clipped)
-    N, D0, rollout_steps = len(steps[0].selection[0]), first_denoised(steps), len(chunk_starts) * len(steps)
+    starts = chunk_starts(steps, start, end, num_clipped)
+    N, D0, rollout_steps = len(steps[0].selection[0]), first_denoised(steps), len(starts) * len(steps)
     return dict(chunk_frames=N, first_denoised=D0, new_frames=N - D0 - num_clipped, steps_per_chunk=len(steps),
                 tokens=int(per_level.sum(1).max()), equal_tokens=len(set(per_level.sum(1))) == 1,
-                level_tokens=per_level, chunk_starts=chunk_starts, buffer_end=buffer_end,
+                level_tokens=per_level, chunk_starts=starts, buffer_end=starts[-1] + N,
                 rollout_steps=rollout_steps, nfe=rollout_steps * sampling_steps)
 
 
-# Per preset: level-0 tokens per frame T_0 and the evaluated frames [start, end) (CONTRACTS.md). The
-# strategies' own settings live in the video model's config (diffusion.DiTConfig), their one source.
-PRESETS = {"paper": dict(tokens_per_frame=256, start=256, end=1024),
-           "toy": dict(tokens_per_frame=64, start=128, end=384),
-           "tiny": dict(tokens_per_frame=16, start=32, end=96)}
-
-
 def strategy_steps(cfg, tokens_per_frame):
-    """(steps, num_clipped) of the strategy a video model's config names (DiTConfig's fields strategy,
-    frames_per_level, extra_budget, framepack_*, fullres_frames, upscale_frames, levels)."""
+    """(steps, num_clipped) of the strategy a RolloutConfig names: one if/elif, one step function each."""
     if cfg.strategy == "millivid":
         return millivid_steps(cfg.frames_per_level, cfg.extra_budget, tokens_per_frame), 0
     if cfg.strategy in ("framepack", "framepack_hier"):  # dense paper baseline / hierarchical: one selection
@@ -254,11 +337,10 @@ def strategy_steps(cfg, tokens_per_frame):
         D = cfg.framepack_mirrored
         return framepack_mirrored_steps(D, cfg.framepack_context), sum(D) - D[0]
     if cfg.strategy == "fullres":
-        return baseline_steps(cfg.fullres_frames), 0
+        return fullres_steps(cfg.fullres_frames), 0
     if cfg.strategy == "upscale":
-        return rollout_upscale_steps(cfg.upscale_frames, cfg.levels), 0
-    raise ValueError(f"strategy={cfg.strategy!r}: expected millivid, framepack, framepack_hier, "
-                     "framepack_mirrored, fullres or upscale")
+        return rollout_upscale_steps(cfg.upscale_frames, len(cfg.frames_per_level)), 0  # levels: as MilliVid's
+    raise ValueError(f"strategy={cfg.strategy!r}: expected one of {', '.join(STRATEGIES)}")
 
 
 def cost_table(cfg, tokens_per_frame, start, end, sampling_steps=50):
@@ -283,7 +365,7 @@ def cost_table(cfg, tokens_per_frame, start, end, sampling_steps=50):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Showing a strategy: text grids (the spec's example notation) and Fig. 10-style pictures
+# Showing a strategy: text grids (the notation of the worked example) and Fig. 10-style pictures
 
 def format_steps(steps, tokens_per_frame, dense=False):
     """Text grids: one row per level, coarsest on top; `.` UNSEEN, `C` CONTEXT, `D` DENOISED."""
@@ -303,7 +385,6 @@ COLOURS = dict(pending=(236, 236, 236), fixed=(150, 150, 150), context=(66, 126,
 def draw_steps(steps, tokens_per_frame, dense=False):
     """One picture per step (Fig. 10): a row per level (coarsest on top, as in the text grids; the
     paper draws the finest on top), a column per frame, a colour per state; step, group, tokens."""
-    from PIL import Image, ImageDraw
     L, N = steps[0].selection.shape
     cw, ch, x0, y0 = max(2, min(16, 960 // N)), 14, 26, 18
     produced = np.zeros((L, N), bool)
@@ -327,12 +408,7 @@ def draw_steps(steps, tokens_per_frame, dense=False):
 
 
 def save_picture(panels, path, gif=False):
-    """One sheet of all steps as a PNG (Fig. 10, left), or (gif=True) an animation, a step per frame.
-    Written under a temporary name, then renamed, so no half-written file looks valid."""
-    from PIL import Image, ImageDraw
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise SystemExit(f"{path}: folder {folder} does not exist")
+    """One sheet of all steps as a PNG (Fig. 10, left), or (gif=True) an animation, a step per frame."""
     w, h = panels[0].size
     cols = 1 if gif else max(1, min(len(panels), 1600 // w))
     sheet = Image.new("RGB", (cols * w, 18 + (1 if gif else math.ceil(len(panels) / cols)) * h), "white")
@@ -343,55 +419,58 @@ def save_picture(panels, path, gif=False):
     frames = []
     for i, panel in enumerate(panels):
         sheet.paste(panel, (0, 18) if gif else ((i % cols) * w, 18 + (i // cols) * h))
-        frames += [sheet.copy()] if gif else []
-    tmp = path + ".tmp"
-    if gif:
-        frames[0].save(tmp, format="GIF", save_all=True, append_images=frames[1:], duration=600, loop=0)
-    else:
-        sheet.save(tmp, format="PNG")
-    os.replace(tmp, path)
+        frames += [np.array(sheet)] if gif else []
+    if gif:  # 0.6 s per step
+        return data.write_video(path, frames, fps=1 / 0.6)
+    data.atomic_write(path, lambda tmp: sheet.save(tmp, format="PNG"))
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Print, draw or cost the rollout strategies (rollout.md).")
-    parser.add_argument("command", choices=("show", "cost"))
+    parser = argparse.ArgumentParser(allow_abbrev=False, epilog="Any RolloutConfig setting overrides the preset "
+                                     "as --key=value, e.g. --frames_per_level=1,4,16 --extra_budget=256.",
+                                     description="Print, draw, cost or benchmark the rollout strategies.")
+    parser.add_argument("command", choices=("show", "cost", "bench"))
     parser.add_argument("strategy", nargs="?", default="millivid", help="for show",
                         choices=("millivid", "framepack", "framepack-mirrored", "fullres", "upscale"))
-    arg = parser.add_argument  # everything below overrides the preset (paper | toy | tiny)
-    arg("--preset", default="paper", choices=sorted(PRESETS))
-    arg("--tokens", type=int, dest="tokens_per_frame", help="T_0, level-0 tokens per frame")
-    arg("--frames-per-level", type=int, nargs="+", help="MilliVid W_l, finest first")
-    arg("--extra-budget", type=int, help="MilliVid extra context tokens of the target level")
-    arg("--num-denoised", type=int, dest="framepack_denoised", help="FramePack d")
-    arg("--context-frames", type=int, nargs="+", dest="framepack_context", help="FramePack K_l, finest first")
-    arg("--denoised-frames", type=int, nargs="+", dest="framepack_mirrored", help="mirrored FramePack D_l")
-    arg("--num-frames", type=int, dest="fullres_frames", help="full-resolution rollout n")
-    arg("--base-frames", type=int, dest="upscale_frames", help="rollout + upscale B")
-    arg("--levels", type=int, help="rollout + upscale levels (default: as many as --frames-per-level)")
-    arg("--start", type=int, help="first generated frame")
-    arg("--end", type=int, help="frames of the video")
+    arg = parser.add_argument
+    arg("--preset", choices=sorted(PRESETS), help="default: paper (bench on a CPU: tiny)")
+    arg("--tokens", type=int, help="T_0, level-0 tokens per frame (default: the preset autoencoder's)")
+    arg("--start", type=int, help="first generated frame (default: the preset's context)")
+    arg("--end", type=int, help="frames of the video (default: the preset's)")
     arg("--sampling-steps", type=int, default=50, help="DDIM steps per rollout step")
     arg("--dense", action="store_true", help="FramePack: count tokens as the dense paper baseline does")
     arg("--figures", action="store_true", help="show: print the derived figures after the grids")
     arg("--image", help="show: write every step into one PNG (Fig. 10)")
     arg("--gif", help="show: write the steps as an animated GIF")
-    args = parser.parse_args(argv)
-    import diffusion  # the strategies' settings are the video model's config (one source of truth)
-    given = {k: tuple(v) if isinstance(v, list) else v for k, v in vars(args).items() if v is not None}
-    a = {**PRESETS[args.preset], **given}
-    if args.frames_per_level and not args.levels:
-        given["levels"] = len(args.frames_per_level)
-    fields = {k: v for k, v in given.items() if k in diffusion.DiTConfig.__dataclass_fields__}
-    fields["strategy"] = args.strategy.replace("-", "_")
+    arg("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="bench: cpu | cuda")
+    arg("--batch", type=int, help="bench: default 48 on CUDA (the paper's), on CPU 16 / 4 / 1")
+    arg("--iters", type=int, default=5, help="bench: timed steps per round")
+    args, rest = parser.parse_known_args(argv)
+    for path in filter(None, (args.image, args.gif)):  # checked before any work
+        if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            raise SystemExit(f"{path}: folder {os.path.dirname(os.path.abspath(path))} does not exist")
+    if args.command == "bench":
+        if args.device == "cuda" and not torch.cuda.is_available():
+            raise SystemExit("bench: --device cuda but CUDA is not available here (use --device cpu)")
+        preset = args.preset or ("tiny" if args.device == "cpu" else "paper")
+        batch = args.batch or (48 if args.device == "cuda" else {"tiny": 16, "toy": 4, "paper": 1}[preset])
+        (T0, _, _), cfg = preset_frames(preset), rollout_config(preset)  # the last MilliVid step: a level-0 target
+        g0, step = math.isqrt(T0), millivid_steps(cfg.frames_per_level, cfg.extra_budget, T0)[-1]
+        layout = step_layout(step.selection, [(g0 >> l, g0 >> l) for l in range(len(cfg.frames_per_level))])
+        layout = {k: torch.from_numpy(v) for k, v in layout.items()}
+        return diffusion.bench(diffusion.dit_config(preset), layout | {"denoised": layout["role"] == DENOISED},
+                               args.device, batch, args.iters)
+    preset = args.preset or "paper"
+    T0, start, end = preset_frames(preset)
+    T0, start, end = args.tokens or T0, args.start or start, args.end or end
     try:
-        cfg = replace(diffusion.dit_config(args.preset), **fields)
-        T0 = a["tokens_per_frame"]
+        cfg = rollout_config(preset, **data.parse_overrides(rest), strategy=args.strategy.replace("-", "_"))
         if args.command == "cost":
-            return print(cost_table(cfg, T0, a["start"], a["end"], args.sampling_steps), end="")
+            return print(cost_table(cfg, T0, start, end, args.sampling_steps), end="")
         steps, clipped = strategy_steps(cfg, T0)
         print(format_steps(steps, T0, args.dense), end="")
         if args.figures:
-            f = figures(steps, T0, a["start"], a["end"], clipped, args.dense, args.sampling_steps)
+            f = figures(steps, T0, start, end, clipped, args.dense, args.sampling_steps)
             print(f"chunk frames {f['chunk_frames']}, first denoised frame D0 {f['first_denoised']}, new frames "
                   f"per chunk {f['new_frames']}, tokens per step {f['tokens']}"
                   + (" (every step)" if f["equal_tokens"] else " (at most)"))
@@ -399,14 +478,14 @@ def main(argv=None):
                 print(f"  {'step' if group is None else f'target level {group}'}: "
                       + "  ".join(f"L{l} {c}" for l, c in enumerate(counts)))
             c = f["chunk_starts"]
-            print(f"frames [{a['start']}, {a['end']}): {len(c)} chunks at {', '.join(map(str, c[:4]))}"
+            print(f"frames [{start}, {end}): {len(c)} chunks at {', '.join(map(str, c[:4]))}"
                   f"{', ..., ' + str(c[-1]) if len(c) > 4 else ''} -> {f['rollout_steps']} rollout steps, "
                   f"{f['nfe']} network evaluations")
-    except ValueError as e:
+    except (ValueError, TypeError) as e:
         parser.error(str(e))
     for path, gif in ((args.image, False), (args.gif, True)):
         if path:
-            save_picture(draw_steps(steps, a["tokens_per_frame"], args.dense), path, gif)
+            save_picture(draw_steps(steps, T0, args.dense), path, gif)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -426,15 +505,16 @@ def token_index(layout, grids, num_frames, dense=False):
 
 def generate(model, steps, latents, actions, start, end, grids, *, dense=False, num_clipped=0,
              sampling_steps=50, cfg_scale=1.0, generator=None):
-    """Roll a batch of videos out from ground-truth context, all in lockstep (spec/diffusion.md).
+    """Roll a batch of videos out from ground-truth context, all in lockstep (§3.2, App. A.2).
 
     latents: per level (B, F, T_l, C) ground truth, of which only frames < start are read;
     actions: (B, F) long. Returns per level (B, F', T_l, C) with F' >= end: frames [start, end) are
-    generated, frames past `end` come from an overshooting last chunk (padding, never scored)."""
-    import torch
-    from diffusion import ddim_sample  # imported here: diffusion.py imports this file
+    generated, frames past `end` come from an overshooting last chunk (padding, never scored).
+    Every step of every chunk reads its tokens from one buffer by (frame, level, row, col), denoises its
+    DENOISED ones with DDIM and writes them back; a later step reads them as CONTEXT."""
     num_levels = 1 if dense else len(steps[0].selection)
-    chunk_starts, frames = schedule(steps, start, end, num_clipped)
+    starts = chunk_starts(steps, start, end, num_clipped)
+    frames = starts[-1] + steps[0].selection.shape[1]  # the buffer holds the overshooting last chunk too
     B, device = actions.shape[0], actions.device
     with torch.no_grad():
         # the buffer: ground-truth context, zeros where nothing has been generated yet
@@ -442,20 +522,20 @@ def generate(model, steps, latents, actions, start, end, grids, *, dense=False, 
                             .flatten(1, 2) for z in latents[:num_levels]], 1)  # (B, sum_l F'·T_l, C)
         # past the video's end the last action simply continues (those frames are padding)
         actions = torch.cat([actions[:, :frames], actions[:, -1:].expand(B, max(0, frames - actions.shape[1]))], 1)
-        plans = []
+        plans = []  # per step, computed once on the host: its layout, where it reads, what it generates
         for step in steps:
             layout = step_layout(step.selection, grids, dense)
             index, per_frame = token_index(layout, grids, frames, dense)
-            new = np.flatnonzero(layout["role"] == DENOISED)  # positions of the generated tokens, on the host
+            new = np.flatnonzero(layout["role"] == DENOISED)  # positions of the generated tokens
             plans.append(({k: torch.from_numpy(v).to(device) for k, v in layout.items()},
                           *(torch.from_numpy(a).to(device) for a in (index, per_frame, new))))
-        for s in chunk_starts:
+        for s in starts:
             for layout, index, per_frame, new in plans:
                 where = index + s * per_frame  # (T,) this step's tokens in the buffer
                 frame = layout["frame"] + s    # global frame index; the model makes frames relative
-                x = ddim_sample(model, buffer[:, where], layout["role"], frame, layout["level"], layout["row"],
-                                layout["col"], actions[:, frame], steps=sampling_steps, cfg_scale=cfg_scale,
-                                generator=generator)
+                x = diffusion.ddim_sample(model, buffer[:, where], layout["role"] == DENOISED, frame, layout["level"],
+                                          layout["row"], layout["col"], actions[:, frame], steps=sampling_steps,
+                                          cfg_scale=cfg_scale, generator=generator)
                 buffer[:, where[new]] = x[:, new].to(buffer.dtype)  # write back by (frame, level, row, col)
         sizes = [frames * h * w for h, w in grids[:num_levels]]
         return [z.unflatten(1, (frames, -1)) for z in buffer.split(sizes, 1)]  # per level (B, F', T_l, C)

@@ -16,15 +16,25 @@ levels add texture.
 The cascaded ablation (§5 Q1/Q2, Fig. 5 bottom, Fig. 6, `variant="cascaded"`) replaces the learned
 coarse levels by 2×2 mean pools of the level-0 latents.
 
-The transformer pieces (`sincos_embed`, `Attention`, `Mlp`, `Block`) and the strict preset helper
-`preset_config` are shared with diffusion.py.
-"""
-import os
-from dataclasses import dataclass, fields
+The transformer pieces (`sincos_embed`, `Attention`, `Mlp`, `Block`, the adaLN-Zero `AdaLNBlock`) and
+checkpoint reading (`read_checkpoint`) are shared with diffusion.py, which imports this file.
 
+    python tokenizer.py levels runs/toy/ae --data runs/toy/data/test --image levels.png    # Fig. 5
+"""
+import argparse
+import glob
+import os
+import subprocess
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image
+
+import data
 
 
 # ----------------------------------------------------------------------------- config
@@ -70,33 +80,17 @@ PRESETS = {
     # toy: 64² maze frames, patch 8 → 8²/4²/2²/1² = 64+16+4+1 tokens, ~8 M parameters, minutes on one
     # GPU. lpips_weight 0 (our choice): the toy must run offline on any machine, and LPIPS(VGG) needs
     # 528 MB of ImageNet weights; pass --lpips_weight=0.05 to follow the paper once they are supplied.
-    "toy": dict(image_size=64, patch_size=8, levels=4, channels=16, width=256, depth=4, heads=4,
-                lpips_weight=0.0, batch_size=128, steps=10_000, warmup=500),
+    "toy": dict(image_size=data.PRESETS["toy"]["size"], patch_size=8, levels=4, channels=16, width=256, depth=4,
+                heads=4, lpips_weight=0.0, batch_size=128, steps=10_000, warmup=500),
     # tiny: 32² frames, patch 8 → 16+4+1 tokens, for CPU tests; no LPIPS (no VGG weights needed).
-    "tiny": dict(image_size=32, patch_size=8, levels=3, channels=8, width=64, depth=2, heads=2,
-                 lpips_weight=0.0, batch_size=16, steps=800, warmup=50),
+    "tiny": dict(image_size=data.PRESETS["tiny"]["size"], patch_size=8, levels=3, channels=8, width=64, depth=2,
+                 heads=2, lpips_weight=0.0, batch_size=16, steps=800, warmup=50),
 }
 
 
-def preset_config(cls, presets, preset, overrides):
-    """The config dataclass `cls` with presets[preset], then `overrides`, applied. Strict: an unknown
-    preset, an unknown key or a value of the wrong type (an int is accepted for a float) is an error."""
-    name = cls.__name__
-    if preset not in presets:
-        raise ValueError(f"{name}: unknown preset {preset!r}; expected one of {list(presets)}")
-    defaults = {f.name: f.default for f in fields(cls)}
-    for key, value in overrides.items():
-        if key not in defaults:
-            raise ValueError(f"{name}: unknown key {key!r}; expected one of {list(defaults)}")
-        kind = type(defaults[key])
-        if not (isinstance(value, kind) or (kind is float and type(value) is int)):
-            raise ValueError(f"{name}: {key}={value!r} should be of type {kind.__name__}")
-    return cls(**{**presets[preset], **overrides})
-
-
 def ae_config(preset="paper", **overrides):
-    """The named preset's AEConfig with strict `overrides` (see preset_config)."""
-    return preset_config(AEConfig, PRESETS, preset, overrides)
+    """The named preset's AEConfig with strict `overrides` (data.make_config)."""
+    return data.make_config(AEConfig, PRESETS, preset, overrides)
 
 
 def num_params(module):
@@ -229,17 +223,29 @@ def modulate(x, shift, scale):
     return x * (1 + scale) + shift
 
 
+def per_token(rows, index=None):
+    """Modulation rows to broadcast against (B, T, D) tokens: one row per sample (B, D) → (B, 1, D), or,
+    given index (B, T) into U distinct rows (U, D), each token's row → (B, T, D). (index_select: its
+    backward is ~10x faster on CPU than that of rows[index].)"""
+    if index is None:
+        return rows[:, None]
+    return rows.index_select(0, index.flatten()).unflatten(0, index.shape)
+
+
 class AdaLNBlock(Block):
-    """The decoder's DiT block: adaLN-Zero, shift, scale and gate of both sub-layers come from one
-    condition vector per sample (B, D), the embedding of the kept level."""
+    """DiT block with adaLN-Zero: shift, scale and gate of both sub-layers come from a condition vector,
+    one per sample (the decoder: the kept level's embedding), or one per token (the video DiT: each token
+    has its own t, level and action) given as the batch's U distinct conditions c (U, D) and an index
+    (B, T) into them, so the modulation Linear runs U times instead of B·T times."""
 
     def __init__(self, width, heads, mlp_ratio):
         super().__init__(width, heads, mlp_ratio)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))
 
-    def forward(self, x, c):                                 # x (B, T, D), c (B, D)
-        m = self.adaLN_modulation(c)[:, None]                # (B, 1, 6D): the same for every token
-        shift1, scale1, gate1, shift2, scale2, gate2 = m.chunk(6, dim=-1)  # 6 × (B, 1, D)
+    def forward(self, x, c, index=None):                     # x (B, T, D), c (B or U, D)
+        m = [per_token(rows, index) for rows in self.adaLN_modulation(c).chunk(6, dim=-1)]
+        shift1, scale1, gate1, shift2, scale2, gate2 = m     # 6 × (B, 1 or T, D)
+        # x + gate · attn(adaLN(x)), then x + gate · mlp(adaLN(x)); zero gates at init: an identity block
         x = x + gate1 * self.attn(modulate(self.norm1(x), shift1, scale1))
         return x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))
 
@@ -310,22 +316,31 @@ def pyramid_mse(pred, target):
     return loss, mse
 
 
-def lpips_vgg():
-    """The frozen LPIPS(VGG) loss, from local weights only. torchvision's VGG16 ImageNet weights are looked
-    up in the torch hub cache before anything is built, so a missing file is a clear error instead of a
-    download (lpips' own linear heads ship inside the pip package)."""
+def lpips_net(net):
+    """Frozen LPIPS on torchvision's ImageNet `net` ("vgg": the autoencoder's loss, "alex": the metric) from
+    local weights only: (network, None), or (None, which file is missing and how to supply it). The file
+    is looked up in the torch hub cache before anything is built, so nothing is ever downloaded (lpips'
+    own linear heads ship inside the pip package)."""
     import lpips
     import torchvision
-    url = torchvision.models.VGG16_Weights.IMAGENET1K_V1.url
-    name = os.path.basename(url)                             # vgg16-397923af.pth
+    weights = {"vgg": torchvision.models.VGG16_Weights, "alex": torchvision.models.AlexNet_Weights}[net]
+    name = os.path.basename(weights.IMAGENET1K_V1.url)      # vgg16-397923af.pth, alexnet-owt-7be5be79.pth
     path = os.path.join(torch.hub.get_dir(), "checkpoints", name)
     if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"LPIPS(VGG) for the autoencoder loss needs torchvision's VGG16 ImageNet weights at {path} "
-            f"(weights are never downloaded at run time). Place {name} (from {url}) in "
-            f"$TORCH_HOME/hub/checkpoints/ (TORCH_HOME defaults to ~/.cache/torch), "
-            f"or train without the perceptual term: --lpips_weight=0")
-    return lpips.LPIPS(net="vgg", verbose=False)
+        return None, (f"LPIPS-{net}: unavailable (needs weights: torchvision's {name}, expected at {path}; "
+                      f"weights are never downloaded at run time: copy it there, or point $TORCH_HOME at a "
+                      f"folder holding hub/checkpoints/{name})")
+    with warnings.catch_warnings():                          # lpips still passes the deprecated pretrained=True
+        warnings.simplefilter("ignore", UserWarning)
+        return lpips.LPIPS(net=net, verbose=False).eval().requires_grad_(False), None
+
+
+def lpips_vgg():
+    """LPIPS(VGG) for the autoencoder's loss, or FileNotFoundError saying how to supply its weights."""
+    net, why = lpips_net("vgg")
+    if net is None:
+        raise FileNotFoundError(f"{why}; or train without the perceptual term: --lpips_weight=0")
+    return net
 
 
 # ----------------------------------------------------------------------------- the autoencoder
@@ -346,6 +361,15 @@ class HierarchicalAutoencoder(nn.Module):
         # LPIPS lives outside the module tree: never in state_dict or parameters(), never moved by .to(),
         # never switched to train mode (its heads have dropout). Attached by load_lpips().
         object.__setattr__(self, "lpips", None)
+
+    @classmethod
+    def from_checkpoint(cls, path, device="cpu"):
+        """The trained autoencoder of a checkpoint file (or a run folder's newest), rebuilt from the config
+        stored in it alone; in eval mode on `device`."""
+        ckpt = read_checkpoint(path, "ae")
+        model = cls(AEConfig(**ckpt["config"]["model"]))
+        model.load_state_dict(ckpt["model"])
+        return model.to(device).eval()
 
     def initialize_weights(self):
         # every Linear (patch embedding, attention, MLP, bottleneck, in_proj, head): Xavier-uniform
@@ -436,6 +460,41 @@ class HierarchicalAutoencoder(nn.Module):
         return self.loss(x, level, generator)
 
 
+# ----------------------------------------------------------------------------- checkpoints and provenance
+
+# train.py's checkpoints: {"model": state_dict, "step", "optimizers", "config": {"stage", "format", "model"
+# (the model's config), "rollout" (video), "run", "git_commit", ...}}. Format 2 introduced the shared adaLN-Zero
+# block and RolloutConfig; files of another format are refused with a message, never misread.
+CHECKPOINT_FORMAT = 2
+
+
+def newest_checkpoint(folder):
+    return max(glob.glob(os.path.join(folder, "ckpt-*.pt")), default=None)  # names sort by step
+
+
+def read_checkpoint(path, stage):
+    """The checkpoint dict of a file, or of a run folder's newest, checked to be a `stage` ("ae" or "video")
+    checkpoint of this code's format; errors name the file. Tensors are memory-mapped until used."""
+    file = newest_checkpoint(path) if os.path.isdir(path) else path
+    if not file or not os.path.isfile(file):
+        raise FileNotFoundError(f"{path}: no checkpoint there; train it first (python train.py --stage {stage})")
+    ckpt = torch.load(file, map_location="cpu", weights_only=False, mmap=True)
+    found = [ckpt.get("config", {}).get(k) for k in ("stage", "format")] if isinstance(ckpt, dict) else [None] * 2
+    if found != [stage, CHECKPOINT_FORMAT]:
+        raise ValueError(f"{file}: a checkpoint of stage {found[0]!r}, format {found[1] or 1}; expected stage "
+                         f"{stage!r}, format {CHECKPOINT_FORMAT} (another version of this code wrote it: retrain)")
+    return ckpt
+
+
+def git_commit():
+    """The commit of this code, recorded next to every output ("unknown" outside a git checkout)."""
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
 # ----------------------------------------------------------------------------- inspecting the hierarchy
 
 @torch.no_grad()
@@ -447,15 +506,32 @@ def level_psnr(model, x):
     return [(-10 * torch.log10((im - x).square().mean())).item() for im in images], images
 
 
+def to_uint8(images):
+    """Decoder output (N, 3, H, W) float in [0, 1] -> np.uint8 (N, H, W, 3): what a viewer (and a metric) sees."""
+    return (images.float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def spread_frames(root, keys, count):
+    """Up to `count` frames of a frame store, spread over the videos `keys` and 16 moments of each:
+    (N, 3, H, W) in [0, 1]."""
+    index = data.load_index(root)
+    picks = [(key, f) for key in keys for f in range(0, index[key], max(1, index[key] // 16))]
+    picks = picks[:: max(1, len(picks) // count)][:count]
+    frames = np.stack([data.read_frames(root, key, f, f + 1)[0] for key, f in picks])
+    return torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 255
+
+
+def save_levels_image(path, x, images):
+    """Fig. 5-style PNG: a row per frame of x (B, 3, H, W); ground truth, then its level-0 output decoded
+    from each level alone (finest to coarsest)."""
+    grid = torch.cat([torch.cat(list(column), dim=1) for column in [x, *images]], dim=2)  # (3, B·H, (L+1)·W)
+    data.atomic_write(path, lambda tmp: Image.fromarray(to_uint8(grid[None])[0]).save(tmp))
+
+
 def main(argv=None):
     """python tokenizer.py levels CKPT [CKPT ...] --data DIR [--frames N] [--image FILE]: per checkpoint,
     the PSNR of each level decoded alone on frames spread over a frame store, and a Fig. 5-style image
     (per checkpoint `--show` rows: ground truth, then the frame decoded from levels 0..L-1)."""
-    import argparse
-    import numpy as np
-    from PIL import Image
-    import data
-    from train import load_model
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("command", choices=["levels"])
     parser.add_argument("checkpoints", nargs="+", help="checkpoint files or autoencoder run folders")
@@ -464,22 +540,16 @@ def main(argv=None):
     parser.add_argument("--image", help="write the Fig. 5-style comparison here (PNG)")
     parser.add_argument("--show", type=int, default=3, help="frames per checkpoint in the image")
     args = parser.parse_args(argv)
-    index = data.load_index(args.data)
-    picks = [(key, f) for key in sorted(index) for f in range(0, index[key], max(1, index[key] // 16))]
-    picks = picks[:: max(1, len(picks) // args.frames)][:args.frames]
-    x = torch.from_numpy(np.stack([data.read_frames(args.data, k, f, f + 1)[0] for k, f in picks]))
-    x = x.permute(0, 3, 1, 2).float() / 255  # (N, 3, H, W)
-    rows = []
+    x = spread_frames(args.data, sorted(data.load_index(args.data)), args.frames)  # (N, 3, H, W)
+    shown, rows = range(0, len(x), max(1, len(x) // args.show))[:args.show], ([], [])
     for path in args.checkpoints:
-        model = load_model(path)
+        model = HierarchicalAutoencoder.from_checkpoint(path)
         psnr, images = level_psnr(model, x)
         print(f"{model.cfg.variant:>12} {path}: " + "  ".join(f"L{l} {p:5.2f} dB" for l, p in enumerate(psnr)))
-        for i in range(0, len(x), max(1, len(x) // args.show))[:args.show]:
-            rows.append(torch.cat([x[i]] + [im[i] for im in images], dim=2))  # (3, H, (L+1)·W)
-    if args.image:
-        grid = (torch.cat(rows, dim=1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-        Image.fromarray(grid).save(args.image + ".tmp.png")
-        os.replace(args.image + ".tmp.png", args.image)
+        rows[0].append(x[shown])
+        rows[1].append([im[shown] for im in images])
+    if args.image:  # per checkpoint its `--show` rows, one below the other
+        save_levels_image(args.image, torch.cat(rows[0]), [torch.cat(c) for c in zip(*rows[1])])
 
 
 if __name__ == "__main__":

@@ -2,15 +2,15 @@
 
     python train.py --stage ae     --preset toy      # hierarchical autoencoder on single frames (§3.1)
     python train.py --stage encode --preset toy      # every frame of every video -> all levels
-    python train.py --stage video  --preset toy --strategy millivid   # video DiT (§3.2)
+    python train.py --stage video  --preset toy --strategy=millivid   # video DiT (§3.2)
     python train.py --stage all    --preset toy      # data -> ae -> encode -> 3 video models -> eval
     torchrun --nproc_per_node=8 train.py --stage ae --preset paper      # the real thing
 
-Settings come from the stage's dataclass (`AEConfig` in tokenizer.py, `DiTConfig` in diffusion.py,
-both defaulting to the paper) and this file's `RunConfig`; any field can be overridden with a strict
-`--key=value` (unknown key or unparsable value is an error). The resolved configuration is printed,
-written next to the outputs with the git commit, and stored in every checkpoint, so later stages
-rebuild models from a checkpoint alone.
+Settings come from the stages' dataclasses, each defaulting to the paper: `AEConfig` (tokenizer.py),
+`DiTConfig` (diffusion.py) and `RolloutConfig` (rollout.py) for the models, `RunConfig` here for the
+run. Any field can be overridden with a strict `--key=value` (an unknown key or an unparsable value is
+an error; data.make_config). The resolved configuration is printed, written next to the outputs with
+the git commit, and stored in every checkpoint, so later stages rebuild models from a checkpoint alone.
 
 Training recipe (App. A.2, both stages): Muon for every 2-D `nn.Linear` weight and AdamW for the rest,
 lr 1e-3, weight decay 0.01, linear warmup from 0 over 2k steps then constant, gradient clipping at 1.0,
@@ -20,9 +20,7 @@ gloo on CPU), otherwise one process on cuda / mps / cpu.
 import dataclasses
 import glob
 import json
-import math
 import os
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -35,6 +33,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
 import diffusion
+import evaluate
 import rollout
 import tokenizer
 
@@ -52,71 +51,42 @@ class RunConfig:
     holdout: float = 0.01  # fraction of training videos held out for periodic images / val loss
 
 
-# ----------------------------------------------------------------------------- configuration
+# logging / checkpoint cadence per preset; `tiny` loads data in-process (CPU tests)
+PRESETS = {"paper": {}, "toy": dict(image_every=500, ckpt_every=500),
+           "tiny": dict(log_every=10, image_every=100, ckpt_every=100, workers=0)}
 
 
-def parse_value(text, like):
-    """Parse `text` into the type of the default value `like` (strict: bad values raise)."""
-    if isinstance(like, bool):
-        if text.lower() not in ("1", "0", "true", "false"):
-            raise ValueError(f"expected true/false, got {text!r}")
-        return text.lower() in ("1", "true")
-    if isinstance(like, tuple):  # "3,12,48,192" -> (3, 12, 48, 192)
-        kind = type(like[0]) if like else int
-        return tuple(kind(v) for v in text.split(",") if v)
-    return type(like)(text)
+def run_config(preset="paper", **overrides):
+    return data.make_config(RunConfig, PRESETS, preset, overrides)
 
 
-def apply_overrides(configs, overrides):
-    """Apply {key: text} to whichever of `configs` (dataclass instances) owns `key`; strict."""
-    for key, text in overrides.items():
-        owners = [c for c in configs if key in {f.name for f in dataclasses.fields(c)}]
-        if len(owners) != 1:
-            known = sorted({f.name for c in configs for f in dataclasses.fields(c)})
-            why = "unknown" if not owners else "ambiguous"
-            raise SystemExit(f"--{key}: {why} setting; known settings: {', '.join(known)}")
-        try:
-            setattr(owners[0], key, parse_value(text, getattr(owners[0], key)))
-        except ValueError as e:
-            raise SystemExit(f"--{key}={text}: {e}") from None
+# ----------------------------------------------------------------------------- command line
 
 
-def parse_args(argv):
+def parse_command(argv):
     """`--stage ae --preset toy --lr=3e-4 ...` -> (stage, preset, {key: text})."""
-    args, i = {}, 0
-    while i < len(argv):
-        token = argv[i]
-        if not token.startswith("--"):
-            raise SystemExit(f"unexpected argument {token!r}; settings are given as --key=value")
-        key, eq, value = token[2:].partition("=")
-        if not eq:  # "--stage ae" form
-            if i + 1 >= len(argv):
-                raise SystemExit(f"--{key} needs a value")
-            value, i = argv[i + 1], i + 1
-        args[key.replace("-", "_")] = value
-        i += 1
+    args = data.parse_overrides(argv)
     stage, preset = args.pop("stage", None), args.pop("preset", "toy")
-    if stage not in ("ae", "encode", "video", "all"):
+    if stage not in ("ae", "encode", "video", "all"):  # (an unknown preset: each config's maker names it)
         raise SystemExit("--stage must be one of ae, encode, video, all")
-    if preset not in ("paper", "toy", "tiny"):
-        raise SystemExit("--preset must be one of paper, toy, tiny")
     return stage, preset, args
 
 
-def git_commit():
+def build(preset, overrides, makers):
+    """{config dataclass: its maker} -> [config]: every --key goes to the one dataclass with that field,
+    then each config is made for the preset (data.make_config). An unknown or ambiguous key or a bad value
+    (its type, or a config's own checks) ends the program with a message naming it, before any work."""
+    parts = {cls: {} for cls in makers}
+    for key, value in overrides.items():
+        owners = [cls for cls in makers if key in cls.__dataclass_fields__]
+        if len(owners) != 1:
+            known = sorted({f for cls in makers for f in cls.__dataclass_fields__})
+            raise SystemExit(f"--{key}: {'ambiguous' if owners else 'unknown'} setting; known: {', '.join(known)}")
+        parts[owners[0]][key] = value
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
-    except OSError:
-        return "unknown"
-
-
-def write_json(path, obj):
-    """Atomic JSON write: a killed job never leaves a truncated file that looks valid."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
+        return [make(preset, **parts[cls]) for cls, make in makers.items()]
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 # ----------------------------------------------------------------------------- setup
@@ -124,21 +94,16 @@ def write_json(path, obj):
 
 def setup():
     """DDP when launched by torchrun, else one process on the best device. Returns (rank, world, device)."""
-    if "RANK" in os.environ:
-        rank, world, local = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
-        if torch.cuda.is_available():
-            device = torch.device("cuda", local)
-            torch.cuda.set_device(device)
-        else:
-            device = torch.device("cpu")
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        return rank, world, device
-    if torch.cuda.is_available():
-        return 0, 1, torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return 0, 1, torch.device("mps")
-    return 0, 1, torch.device("cpu")
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else
+                                  "mps" if torch.backends.mps.is_available() else "cpu")
+    rank, world, local = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
 
 
 def seed_step(seed, rank, step):
@@ -165,32 +130,67 @@ def lr_at(step, lr, warmup):
 
 
 def save_checkpoint(out, step, state, keep):
-    """Write then rename, so a killed job never leaves a broken checkpoint; keep the newest `keep`."""
+    """Write (atomically, data.atomic_write) and keep the newest `keep`."""
     path = os.path.join(out, f"ckpt-{step:08d}.pt")
-    torch.save(state, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    data.atomic_write(path, lambda tmp: torch.save(state, tmp))
     for old in sorted(glob.glob(os.path.join(out, "ckpt-*.pt")))[:-keep]:
         os.remove(old)
     return path
 
 
-def latest_checkpoint(folder):
-    paths = sorted(glob.glob(os.path.join(folder, "ckpt-*.pt")))
-    return paths[-1] if paths else None
+# ----------------------------------------------------------------------------- training data
 
 
-def load_model(path, device="cpu"):
-    """Rebuild a trained model from a checkpoint file (or a run folder's newest) alone: the resolved
-    config stored in it says which model and how big. Returned in eval mode on `device`."""
-    file = latest_checkpoint(path) if os.path.isdir(path) else path
-    if not file or not os.path.isfile(file):
-        raise SystemExit(f"no checkpoint at {path}: train that stage first (python train.py --stage ...)")
-    ckpt = torch.load(file, map_location="cpu", weights_only=False)
-    stage, fields = ckpt["config"]["stage"], ckpt["config"]["model"]
-    model = tokenizer.HierarchicalAutoencoder(tokenizer.AEConfig(**fields)) if stage == "ae" else \
-        diffusion.VideoDiT(diffusion.DiTConfig(**fields))
-    model.load_state_dict(ckpt["model"])
-    return model.to(device).eval()
+def split_keys(keys, holdout=0.01, seed=0):
+    """Deterministic split: sorted keys, seeded shuffle, a fixed fraction (at least one) held out."""
+    keys = sorted(keys)
+    held = set(np.random.default_rng(seed).permutation(len(keys))[:max(1, round(holdout * len(keys)))])
+    return ([k for i, k in enumerate(keys) if i not in held], [k for i, k in enumerate(keys) if i in held])
+
+
+def _locate(ends, i):
+    """Item i -> (video, item within it), given ends = [0, cumulative item counts of the videos]."""
+    if not 0 <= i < ends[-1]:
+        raise IndexError(f"item {i} outside the dataset of {ends[-1]} items")
+    v = int(np.searchsorted(ends, i, side="right")) - 1
+    return v, i - int(ends[v])
+
+
+class FrameDataset(torch.utils.data.Dataset):
+    """Every (video, frame) of a frame store; item = float32 (3, H, W) in [0, 1]. Deterministic."""
+    def __init__(self, root, keys=None):
+        index = data.load_index(root)
+        self.root, self.keys = root, sorted(index) if keys is None else list(keys)
+        self.ends = np.cumsum([0] + [index[k] for k in self.keys])
+
+    def __len__(self):
+        return int(self.ends[-1])
+
+    def __getitem__(self, i):
+        v, f = _locate(self.ends, i)
+        frame = data.read_frames(self.root, self.keys[v], f, f + 1)[0]
+        return torch.from_numpy(frame).permute(2, 0, 1).float() / 255  # (3, H, W)
+
+
+class ChunkDataset(torch.utils.data.Dataset):
+    """Every (video, start) with start in [0, frames - chunk_frames] of a latent store. Deterministic."""
+    def __init__(self, root, keys, chunk_frames, levels=None):
+        self.root, self.keys, self.N = root, list(keys), chunk_frames
+        self.levels = list(levels) if levels is not None else \
+            [l for l in range(16) if os.path.exists(os.path.join(root, self.keys[0], f"l{l}.npy"))]
+        index = data.load_index(root)                    # {key: frames}: no file opened per video (200k of them)
+        self.ends = np.cumsum([0] + [max(0, index[k] - chunk_frames + 1) for k in self.keys])
+
+    def __len__(self):
+        return int(self.ends[-1])
+
+    def __getitem__(self, i):
+        v, start = _locate(self.ends, i)
+        key = self.keys[v]
+        latents = [torch.from_numpy(data.read_latents(self.root, key, l, start, start + self.N).astype(np.float32))
+                   for l in self.levels]                                          # (N, T_l, C) each
+        act = np.load(os.path.join(self.root, key, "actions.npy"), mmap_mode="r")[start:start + self.N, 0]
+        return dict(latents=latents, actions=torch.from_numpy(act.astype(np.int64)), key=key, start=start)
 
 
 class StepBatches(torch.utils.data.Sampler):
@@ -223,24 +223,29 @@ class StepBatches(torch.utils.data.Sampler):
 # ----------------------------------------------------------------------------- the training loop
 
 
-def train(stage, cfg, run, preset):
-    """One training run (stage "ae" or "video"): config -> setup -> data -> model -> optimizer -> loop.
+def train(stage, cfg, run, preset, roll=None):
+    """One training run (stage "ae" with cfg an AEConfig, or "video" with cfg a DiTConfig and roll the
+    RolloutConfig it is trained for): config -> setup -> data -> model -> optimizer -> loop.
     Returns the trained model (the newest checkpoint in run.out holds the same weights)."""
     rank, world, device = setup()
     master = rank == 0
     os.makedirs(run.out, exist_ok=True)
-    resolved = {"stage": stage, "preset": preset, "model": dataclasses.asdict(cfg),
-                "run": dataclasses.asdict(run), "git_commit": git_commit(), "world_size": world}
+    if stage == "video" and (roll is None or roll.dense != cfg.dense):
+        raise ValueError(f"video stage: DiTConfig.dense={cfg.dense} must match the rollout strategy "
+                         f"({'none given' if roll is None else roll.strategy})")
+    resolved = {"stage": stage, "format": tokenizer.CHECKPOINT_FORMAT, "preset": preset,
+                "model": dataclasses.asdict(cfg), "run": dataclasses.asdict(run), "git_commit": tokenizer.git_commit(),
+                "world_size": world} | ({"rollout": dataclasses.asdict(roll)} if stage == "video" else {})
     if master:
         print(json.dumps(resolved, indent=2))
-        write_json(os.path.join(run.out, "config.json"), resolved)
+        data.write_json(os.path.join(run.out, "config.json"), resolved)
 
     torch.manual_seed(run.seed)  # the same initial weights on every rank and in every (re)start
     # data: single random frames for the autoencoder, (video, chunk start) pairs for the video model
     keys = sorted(data.load_index(run.data))
-    train_keys, val_keys = data.split_keys(keys, holdout=run.holdout, seed=run.seed)
+    train_keys, val_keys = split_keys(keys, holdout=run.holdout, seed=run.seed)
     if stage == "ae":
-        dataset = data.FrameDataset(run.data, train_keys)
+        dataset = FrameDataset(run.data, train_keys)
         model = tokenizer.HierarchicalAutoencoder(cfg)
         if cfg.lpips_weight > 0:
             model.load_lpips()  # fails here, before any work, if the VGG weights are not on disk
@@ -248,18 +253,18 @@ def train(stage, cfg, run, preset):
         with open(os.path.join(run.data, "meta.json")) as f:
             meta = json.load(f)  # written by the encode stage: grids, channels, the AE config
         grids = meta["grids"]
-        steps, _ = rollout.strategy_steps(cfg, grids[0][0] * grids[0][1])
+        steps, _ = rollout.strategy_steps(roll, grids[0][0] * grids[0][1])
         chunk = steps[0].selection.shape[1]
-        levels = [0] if cfg.dense_framepack else list(range(len(steps[0].selection)))  # what a step reads
+        levels = [0] if roll.dense else list(range(len(steps[0].selection)))  # what a step reads
         if len(levels) > len(grids):
-            raise SystemExit(f"--strategy={cfg.strategy} needs {len(levels)} levels; {run.data} has {len(grids)}")
-        dataset = data.ChunkDataset(run.data, train_keys, chunk, levels=levels)
+            raise SystemExit(f"--strategy={roll.strategy} needs {len(levels)} levels; {run.data} has {len(grids)}")
+        dataset = ChunkDataset(run.data, train_keys, chunk, levels=levels)
         model = diffusion.VideoDiT(cfg)
         probs = torch.tensor(rollout.step_probabilities(steps), dtype=torch.float64)
-        gathers = [step_gather(s, grids, chunk, cfg.dense_framepack) for s in steps]
+        gathers = [step_gather(s, grids, chunk, roll.dense) for s in steps]
         if len({len(g["index"]) for g in gathers}) > 1:
-            raise SystemExit(f"--strategy={cfg.strategy}: its steps differ in token count, so they cannot "
-                             "be stacked into one batch; choose budgets that make them equal (rollout.md)")
+            raise SystemExit(f"--strategy={roll.strategy}: its steps differ in token count, so they cannot "
+                             "be stacked into one batch; choose budgets that make them equal (rollout.py)")
     model.to(device)
     if master:
         print(f"{stage}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, "
@@ -272,9 +277,9 @@ def train(stage, cfg, run, preset):
 
     # resume from the newest checkpoint of this run, if any
     step = 0
-    ckpt_path = latest_checkpoint(run.out)
+    ckpt_path = tokenizer.newest_checkpoint(run.out)
     if ckpt_path:
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+        ckpt = tokenizer.read_checkpoint(ckpt_path, stage)
         model.load_state_dict(ckpt["model"])
         for opt, state in zip(optimizers, ckpt["optimizers"]):
             opt.load_state_dict(state)
@@ -307,7 +312,7 @@ def train(stage, cfg, run, preset):
         for opt in optimizers:
             opt.zero_grad(set_to_none=True)
         loss.backward()
-        # the paper clips at 1.0; the authors' released code does not actually apply it (spec/train.md)
+        # the paper clips at 1.0; the authors' released code does not actually apply it (README)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         for opt in optimizers:
             opt.step()
@@ -347,12 +352,12 @@ def step_gather(step, grids, chunk, dense):
 def video_inputs(batch, gathers, probs, device):
     """A batch of (video, chunk start) items -> one randomly drawn rollout step per item, gathered
     into the model's token sequence. Steps of one strategy have equal token counts, so they stack."""
-    steps = torch.multinomial(probs, len(batch["actions"]), replacement=True)  # group-balanced (spec)
+    steps = torch.multinomial(probs, len(batch["actions"]), replacement=True)  # group-balanced (§3.2)
     flat = torch.cat([z.flatten(1, 2) for z in batch["latents"]], dim=1)  # (B, levels·N·T_l, C)
     fields = {k: torch.stack([gathers[s][k] for s in steps.tolist()]) for k in gathers[0]}  # (B, T)
     x = flat.gather(1, fields.pop("index")[..., None].expand(-1, -1, flat.shape[-1]))   # (B, T, C)
-    action = batch["actions"].gather(1, fields["frame"])  # action t leads into frame t (spec/data.md)
-    out = dict(x=x, action=action, **fields)
+    action = batch["actions"].gather(1, fields["frame"])  # action t leads into frame t (data.simulate)
+    out = dict(x=x, action=action, denoised=fields.pop("role") == rollout.DENOISED, **fields)
     return {k: v.to(device, non_blocking=True) for k, v in out.items()}
 
 
@@ -361,21 +366,12 @@ def video_inputs(batch, gathers, probs, device):
 
 @torch.no_grad()
 def save_reconstructions(model, frames_dir, keys, path, device, count=4):
-    """Fig. 5-style image: each row one frame (spread over the held-out videos); ground truth, then
-    the level-0 output decoded from each single level (finest to coarsest)."""
-    from PIL import Image
-
-    index = data.load_index(frames_dir)
-    picks = [(keys[i % len(keys)], i * index[keys[i % len(keys)]] // count) for i in range(count)]
-    frames = [data.read_frames(frames_dir, key, f, f + 1)[0] for key, f in picks]
-    x = torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2).float().div(255).to(device)
+    """Fig. 5-style image of `count` frames spread over the held-out videos (tokenizer.save_levels_image)."""
+    x = tokenizer.spread_frames(frames_dir, keys, count).to(device)
     was_training = model.training
-    model.eval()
-    z = model.encode(x)
-    columns = [x] + [model.decode(z, level)[0].clamp(0, 1) for level in range(len(z))]
+    _, images = tokenizer.level_psnr(model.eval(), x)
     model.train(was_training)
-    grid = torch.cat([torch.cat(list(c), dim=1) for c in columns], dim=2)  # (3, rows·H, cols·W)
-    Image.fromarray((grid.permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)).save(path)
+    tokenizer.save_levels_image(path, x, images)
 
 
 @torch.no_grad()
@@ -383,7 +379,7 @@ def encode_store(ae_ckpt, frames_dir, out_dir, batch_size=256):
     """Encode every frame of every video to all levels and write the latent store (stage "encode").
     Videos are split across ranks; a video whose latents are complete is skipped (resumable)."""
     rank, world, device = setup()
-    model = load_model(ae_ckpt, device)
+    model = tokenizer.HierarchicalAutoencoder.from_checkpoint(ae_ckpt, device)
     cfg = model.cfg
     index = data.load_index(frames_dir)
     os.makedirs(out_dir, exist_ok=True)
@@ -392,16 +388,11 @@ def encode_store(ae_ckpt, frames_dir, out_dir, batch_size=256):
     for key in sorted(index)[rank::world]:
         if data.has_latents(out_dir, key, len(model.grids)):
             continue
-        frames = data.read_frames(frames_dir, key, 0, index[key])
-        levels = [[] for _ in model.grids]
-        for i in range(0, len(frames), batch_size):
-            x = torch.from_numpy(frames[i:i + batch_size]).to(device).permute(0, 3, 1, 2).float() / 255
-            with autocast:
-                z = model.encode(x)
-            for level, zl in enumerate(z):
-                levels[level].append(zl.float().cpu().numpy())
-        data.write_latents(out_dir, key, [np.concatenate(l) for l in levels],
-                           data.read_actions(frames_dir, key))
+        frames = torch.from_numpy(data.read_frames(frames_dir, key, 0, index[key]))  # (F, H, W, 3) uint8
+        with autocast:  # a batch of frames at a time -> per level (F, T_l, C)
+            z = [model.encode(x.to(device).permute(0, 3, 1, 2).float() / 255) for x in frames.split(batch_size)]
+        levels = [torch.cat(zl).float().cpu().numpy() for zl in zip(*z)]
+        data.write_latents(out_dir, key, levels, data.read_actions(frames_dir, key))
         done += index[key]
     if world > 1:
         dist.barrier()
@@ -409,38 +400,30 @@ def encode_store(ae_ckpt, frames_dir, out_dir, batch_size=256):
         meta = {"levels": len(model.grids), "grids": [list(g) for g in model.grids],
                 "channels": cfg.channels, "frames_dir": os.path.abspath(frames_dir),
                 "ae_checkpoint": os.path.abspath(ae_ckpt), "ae_config": dataclasses.asdict(cfg),
-                "git_commit": git_commit()}
-        write_json(os.path.join(out_dir, "meta.json"), meta)
-        write_json(os.path.join(out_dir, "index.json"), index)
+                "git_commit": tokenizer.git_commit()}
+        data.write_json(os.path.join(out_dir, "meta.json"), meta)
+        data.write_json(os.path.join(out_dir, "index.json"), index)
         print(f"encoded {done} frames into {out_dir} in {time.time() - t0:.1f}s")
 
 
 # ----------------------------------------------------------------------------- stages
 
 
-def run_config(preset, **fields):
-    """Logging / checkpoint cadence per preset; `tiny` runs in-process for CPU tests."""
-    base = {"paper": RunConfig(), "toy": RunConfig(log_every=50, image_every=500, ckpt_every=500),
-            "tiny": RunConfig(log_every=10, image_every=100, ckpt_every=100, workers=0)}[preset]
-    return dataclasses.replace(base, **fields)
-
-
-def stage_overrides(overrides, prefix):
+def prefixed(overrides, prefix):
     """For --stage all: `--ae.steps=100` goes to the ae stage, `--video.lr=1e-4` to every video model."""
     return {k[len(prefix) + 1:]: v for k, v in overrides.items() if k.startswith(prefix + ".")}
 
 
 def run_stage(stage, preset, overrides, root):
-    """Run one stage with the preset's defaults plus strict overrides; returns its checkpoint/folder."""
+    """Run one stage with the preset's defaults plus strict overrides; returns its model or folder."""
     if stage == "ae":
-        cfg, run = tokenizer.ae_config(preset), run_config(preset, out=f"{root}/ae", data=f"{root}/data/train")
-        apply_overrides([cfg, run], overrides)
+        cfg, run = build(preset, {"out": f"{root}/ae", "data": f"{root}/data/train", **overrides},
+                         {tokenizer.AEConfig: tokenizer.ae_config, RunConfig: run_config})
         return train("ae", cfg, run, preset)
     if stage == "encode":
         # --data is one frame store, or a folder of split stores (train/, test/) encoded side by side
-        ae = overrides.pop("ae", None) or latest_checkpoint(f"{root}/ae")
-        run = run_config(preset, out=f"{root}/latents", data=f"{root}/data")
-        apply_overrides([run], overrides)
+        ae = overrides.pop("ae", None) or tokenizer.newest_checkpoint(f"{root}/ae")
+        run, = build(preset, {"out": f"{root}/latents", "data": f"{root}/data", **overrides}, {RunConfig: run_config})
         if not ae:
             raise SystemExit(f"no autoencoder checkpoint in {root}/ae: run --stage ae first or pass --ae=PATH")
         if os.path.exists(f"{run.data}/index.json"):
@@ -450,11 +433,14 @@ def run_stage(stage, preset, overrides, root):
                 encode_store(ae, f"{run.data}/{split}", f"{run.out}/{split}")
         return run.out
     if stage == "video":
-        strategy = overrides.pop("strategy", "millivid")
-        cfg = diffusion.dit_config(preset, strategy=strategy)
-        run = run_config(preset, out=f"{root}/video-{strategy}", data=f"{root}/latents/train")
-        apply_overrides([cfg, run], overrides)
-        return train("video", cfg, run, preset)
+        if "dense" in overrides:
+            raise SystemExit("--dense is set by --strategy (framepack: the dense baseline); do not pass it")
+        makers = {diffusion.DiTConfig: diffusion.dit_config, rollout.RolloutConfig: rollout.rollout_config,
+                  RunConfig: run_config}
+        cfg, roll, run = build(preset, {"data": f"{root}/latents/train", **overrides}, makers)
+        cfg = dataclasses.replace(cfg, dense=roll.dense)  # the input stage the strategy needs
+        run = dataclasses.replace(run, out=run.out or f"{root}/video-{roll.strategy}")
+        return train("video", cfg, run, preset, roll)
     raise ValueError(stage)
 
 
@@ -462,26 +448,24 @@ def run_all(preset, overrides, root):
     """The main job: data -> autoencoder -> encode -> three video models -> evaluation report.
     Every stage resumes (or is skipped when finished), so rerunning continues where it stopped."""
     rank = int(os.environ.get("RANK", 0))
-    maze = data.maze_config(preset)
-    apply_overrides([maze], stage_overrides(overrides, "data"))
+    maze, = build(preset, prefixed(overrides, "data"), {data.MazeConfig: data.maze_config})
     for split in ("train", "test"):
         if rank == 0 and not os.path.exists(f"{root}/data/{split}/index.json"):
             data.make_maze(f"{root}/data/{split}", maze, split)
     if dist.is_initialized():
         dist.barrier()
-    run_stage("ae", preset, stage_overrides(overrides, "ae"), root)
+    run_stage("ae", preset, prefixed(overrides, "ae"), root)
     run_stage("encode", preset, {}, root)
     for strategy in ("millivid", "framepack", "fullres"):
-        run_stage("video", preset, {"strategy": strategy, **stage_overrides(overrides, "video")}, root)
+        run_stage("video", preset, {"strategy": strategy, **prefixed(overrides, "video")}, root)
     if rank == 0:
-        import evaluate
-        cfg = evaluate.eval_config(preset, root=root)
-        apply_overrides([cfg], stage_overrides(overrides, "eval"))
+        cfg, = build(preset, {"root": root, **prefixed(overrides, "eval")},
+                     {evaluate.EvalConfig: evaluate.eval_config})
         print(f"report: {evaluate.evaluate(cfg)}")
 
 
 def main(argv):
-    stage, preset, overrides = parse_args(argv)
+    stage, preset, overrides = parse_command(argv)
     root = overrides.pop("root", f"runs/{preset}")
     if stage == "all":
         run_all(preset, overrides, root)

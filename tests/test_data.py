@@ -8,8 +8,6 @@ import os
 import imageio
 import numpy as np
 import pytest
-import torch
-from torch.utils.data.distributed import DistributedSampler
 
 import data
 from data import FORWARD, LEFT, RIGHT
@@ -167,44 +165,6 @@ def test_write_frames_count_mismatch_leaves_nothing(tmp_path):
     data.write_frames(path, np.zeros((3, 4, 4, 3), np.uint8), 3)
     with pytest.raises(IndexError, match="v.frames"):
         data.read_frames(str(tmp_path), "v", 2, 4)
-
-
-def test_frame_dataset_and_distributed_sampler_partition(tmp_path):
-    rng = np.random.default_rng(0)
-    videos = {"000/000": rng.integers(0, 256, (5, 8, 8, 3), np.uint8),
-              "000/001": rng.integers(0, 256, (7, 8, 8, 3), np.uint8)}
-    for k, v in videos.items():
-        data.write_frames(str(tmp_path / f"{k}.frames"), v, len(v))
-    (tmp_path / "index.json").write_text(json.dumps({k: len(v) for k, v in videos.items()}))
-    ds = data.FrameDataset(str(tmp_path))
-    assert len(ds) == 12
-    x = ds[6]                                          # video 1, frame 1
-    assert x.shape == (3, 8, 8) and x.dtype == torch.float32
-    torch.testing.assert_close(x, torch.from_numpy(videos["000/001"][1]).permute(2, 0, 1).float() / 255)
-    parts = [list(DistributedSampler(ds, num_replicas=3, rank=r, shuffle=True, seed=5)) for r in range(3)]
-    assert sorted(sum(parts, [])) == list(range(12)) and all(len(p) == 4 for p in parts)
-    train, val = data.split_keys([f"{i:03d}/000" for i in range(50)][::-1], holdout=0.1, seed=3)
-    assert (train, val) == data.split_keys([f"{i:03d}/000" for i in range(50)], holdout=0.1, seed=3)
-    assert len(val) == 5 and sorted(train + val) == [f"{i:03d}/000" for i in range(50)]
-
-
-def test_latent_store_and_chunk_dataset(tmp_path):
-    rng = np.random.default_rng(0)
-    levels = {k: [rng.normal(size=(f, 4 ** (1 - l), 3)) for l in range(2)] for k, f in (("a/0", 6), ("a/1", 4))}
-    actions = {k: np.tile(np.arange(len(v[0]))[:, None] % 3, (1, 6)).astype(np.float32) for k, v in levels.items()}
-    for k in levels:
-        data.write_latents(str(tmp_path), k, levels[k], actions[k])
-    (tmp_path / "index.json").write_text(json.dumps({k: len(v[0]) for k, v in levels.items()}))  # encode writes it
-    np.testing.assert_array_equal(data.read_latents(str(tmp_path), "a/0", 1, 2, 5),
-                                  levels["a/0"][1][2:5].astype(np.float16))
-    ds = data.ChunkDataset(str(tmp_path), ["a/0", "a/1"], chunk_frames=3)
-    assert len(ds) == (6 - 3 + 1) + (4 - 3 + 1)
-    item = ds[5]                                       # second chunk of a/1
-    assert item["key"] == "a/1" and item["start"] == 1
-    assert [z.shape for z in item["latents"]] == [(3, 4, 3), (3, 1, 3)] and item["latents"][0].dtype == torch.float32
-    torch.testing.assert_close(item["latents"][1], torch.from_numpy(levels["a/1"][1][1:4].astype(np.float16).astype(np.float32)))
-    assert item["actions"].tolist() == [1, 2, 0] and item["actions"].dtype == torch.long
-    assert len(data.ChunkDataset(str(tmp_path), ["a/0"], 3, levels=[1])[0]["latents"]) == 1
 
 
 def test_draw_map_colours_context_later_and_current(tmp_path):

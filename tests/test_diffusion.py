@@ -9,20 +9,21 @@ import torch
 
 import diffusion as d
 import rollout
-from diffusion import CONTEXT, DENOISED
+from rollout import CONTEXT, DENOISED
 
 TINY = d.dit_config("tiny")                            # C 8, 3 levels, level-0 grid 4x4
-TINY_DENSE = d.dit_config("tiny", strategy="framepack")  # the dense FramePack model
+TINY_DENSE = d.dit_config("tiny", dense=True)  # the dense FramePack model
 GRIDS = [(4, 4), (2, 2), (1, 1)]
 
 
 def layout(step, dense=False):
-    return {k: torch.from_numpy(v) for k, v in rollout.step_layout(step.selection, GRIDS, dense).items()}
+    out = {k: torch.from_numpy(v) for k, v in rollout.step_layout(step.selection, GRIDS, dense).items()}
+    return out | {"denoised": out["role"] == DENOISED}  # what loss and ddim_sample take
 
 
 def millivid_step():
-    """Tiny MilliVid (W = [1, 4, 16], extra 16, chunk 37), its first step (target level 2). By hand from
-    rollout.md: L0 context frame 20; L1 context 16-19; L2 context 0-15 (extra) and denoised 21-36."""
+    """Tiny MilliVid (W = [1, 4, 16], extra 16, chunk 37), its first step (target level 2). By hand (the
+    worked example of rollout.millivid_steps): L0 context frame 20; L1 context 16-19; L2 context 0-15 (extra) and denoised 21-36."""
     step = rollout.millivid_steps([1, 4, 16], extra_budget=16, tokens_per_frame=16)[0]
     assert [np.flatnonzero(sel).tolist() for sel in step.selection] == [
         [20], [16, 17, 18, 19], list(range(16)) + list(range(21, 37))]
@@ -31,7 +32,7 @@ def millivid_step():
 
 def fullres_step():
     """Full-resolution rollout n = 4: 2 context + 2 denoised level-0 frames (64 tokens)."""
-    return layout(rollout.baseline_steps(4)[0])
+    return layout(rollout.fullres_steps(4)[0])
 
 
 def framepack_step():
@@ -61,7 +62,7 @@ def call(model, x, step, action, t=None, **shift):
 def test_parameter_counts_match_paper():
     with torch.device("meta"):
         dit = d.VideoDiT(d.dit_config("paper"))
-        dense = d.VideoDiT(d.dit_config("paper", strategy="framepack"))
+        dense = d.VideoDiT(d.dit_config("paper", dense=True))
     n_dit = sum(p.numel() for p in dit.parameters())
     n_dense = sum(p.numel() for p in dense.parameters())
     assert abs(n_dit / 129.6e6 - 1) < 0.01, n_dit      # DiT-B, App. A.2
@@ -75,9 +76,9 @@ def test_config_presets_and_strict_overrides():
     assert (d.dit_config("toy").channels, d.dit_config("toy").levels) == (16, 4)
     assert d.dit_config("toy").width % 6 == 0 and (TINY.channels, TINY.levels) == (8, 3)
     assert d.dit_config("tiny", depth=3).depth == 3
-    assert TINY_DENSE.dense_framepack and not TINY.dense_framepack
+    assert TINY_DENSE.dense and not TINY.dense
     for bad, match in [(dict(widht=48), "widht"), (dict(width=48.0), "width"), (dict(width=64), "width"),
-                       (dict(strategy="framepak"), "strategy")]:
+                       (dict(strategy="millivid"), "strategy")]:  # the strategy is rollout.RolloutConfig's
         with pytest.raises(ValueError, match=match):
             d.dit_config("tiny", **bad)
     with pytest.raises(ValueError, match="preset"):
@@ -87,15 +88,16 @@ def test_config_presets_and_strict_overrides():
 @pytest.mark.parametrize("preset,T0,budgets", [("paper", 256, (3840, 3840, 3584)), ("toy", 64, (320, 320, 320)),
                                                ("tiny", 16, (64, 64, 64))])
 def test_preset_rollout_budgets(preset, T0, budgets):
-    """Each preset's strategies give the shared table's tokens per step (CONTRACTS.md, App. A.2)."""
-    cfg = d.dit_config(preset)
-    assert len(cfg.frames_per_level) == len(cfg.framepack_context) == cfg.levels
+    """Each preset's strategies give its tokens per step at equal budget (App. A.2), for its DiT's levels."""
+    cfg = rollout.rollout_config(preset)
+    assert len(cfg.frames_per_level) == len(cfg.framepack_context) == d.dit_config(preset).levels
+    assert rollout.preset_frames(preset)[0] == T0
 
     def tokens(steps, dense=False):
         return {int(rollout.level_tokens(s.selection, T0, dense).sum()) for s in steps}
     assert tokens(rollout.millivid_steps(cfg.frames_per_level, cfg.extra_budget, T0)) == {budgets[0]}
     assert tokens(rollout.framepack_steps(cfg.framepack_denoised, cfg.framepack_context), dense=True) == {budgets[1]}
-    assert tokens(rollout.baseline_steps(cfg.fullres_frames)) == {budgets[2]}
+    assert tokens(rollout.fullres_steps(cfg.fullres_frames)) == {budgets[2]}
 
 
 def test_schedule_identities():
@@ -131,7 +133,7 @@ def test_sampler_is_exact_with_true_v(dtype, tol, steps, cfg_scale):
     x0 = torch.randn(2, 64, TINY.channels, generator=g, dtype=dtype)
     buffer = torch.where((step["role"] == DENOISED)[:, None], 100.0, x0)  # DENOISED content is ignored
     action = torch.randint(0, 3, (2, 64), generator=g)
-    out = d.ddim_sample(oracle(x0), buffer, step["role"], step["frame"], step["level"], step["row"], step["col"],
+    out = d.ddim_sample(oracle(x0), buffer, step["denoised"], step["frame"], step["level"], step["row"], step["col"],
                         action, steps=steps, cfg_scale=cfg_scale, generator=g)
     assert (out - x0).abs().max().item() < tol
 
@@ -146,11 +148,11 @@ def test_sampler_time_grid_and_cfg_pass():
     context, denoised = step["role"] == CONTEXT, step["role"] == DENOISED
     action = torch.ones(1, 64, dtype=torch.long)
     x = torch.randn(1, 64, TINY.channels)
-    d.ddim_sample(recorder, x, step["role"], step["frame"], step["level"], step["row"], step["col"], action, steps=4)
+    d.ddim_sample(recorder, x, step["denoised"], step["frame"], step["level"], step["row"], step["col"], action, steps=4)
     assert [c[0][0, denoised].unique().tolist() for c in calls] == [[1.0], [0.75], [0.5], [0.25]]
     assert all((c[0][0, context] == 0).all() and (c[1] == 1).all() for c in calls)
     calls.clear()
-    d.ddim_sample(recorder, x, step["role"], step["frame"], step["level"], step["row"], step["col"], action,
+    d.ddim_sample(recorder, x, step["denoised"], step["frame"], step["level"], step["row"], step["col"], action,
                   steps=4, cfg_scale=1.5)
     uncond = calls[1::2]  # conditional, then unconditional pass at every time
     assert len(calls) == 8 and all((c[0][0, context] == 1).all() and (c[1] == -1).all() for c in uncond)
@@ -169,7 +171,7 @@ def test_ddim_step_is_a_rotation():
         return V
 
     x = torch.randn(1, 64, TINY.channels, generator=g, dtype=torch.float64)
-    out = d.ddim_sample(constant, x, step["role"], step["frame"], step["level"], step["row"], step["col"],
+    out = d.ddim_sample(constant, x, step["denoised"], step["frame"], step["level"], step["row"], step["col"],
                         torch.zeros(64, dtype=torch.long), steps=5, generator=g)
     alpha, sigma = d.alpha_sigma(torch.linspace(1, 0, 6, dtype=torch.float64))
     phi = torch.atan2(sigma, alpha)
@@ -188,7 +190,7 @@ def test_sampler_leaves_context_untouched_and_ignores_denoised_input():
     context = step["role"] == CONTEXT
 
     def sample(x, scale):
-        return d.ddim_sample(model, x, step["role"], step["frame"], step["level"], step["row"], step["col"],
+        return d.ddim_sample(model, x, step["denoised"], step["frame"], step["level"], step["row"], step["col"],
                              action, steps=3, cfg_scale=scale, generator=torch.Generator().manual_seed(0))
     for scale in (1.0, 2.0):
         out = sample(x, scale)
@@ -281,7 +283,7 @@ def test_loss_counts_only_denoised_tokens():
         v[0, int(denoised.nonzero()[0]), 0] += delta  # one error on one DENOISED channel
         return v
 
-    args = (x0, step["role"], step["frame"], step["level"], step["row"], step["col"], torch.zeros(64, dtype=torch.long))
+    args = (x0, step["denoised"], step["frame"], step["level"], step["row"], step["col"], torch.zeros(64, dtype=torch.long))
     for drop in (0.0, 1.0):
         value = d.loss(model, *args, cfg_drop=drop, generator=torch.Generator().manual_seed(1)).item()
         # mean over the C channels of one token, then over the 2 x 32 DENOISED tokens
@@ -301,7 +303,7 @@ def test_loss_times_and_cfg_dropout(dense):
     context, denoised = step["role"] == CONTEXT, step["role"] == DENOISED
     x = torch.randn(4, T, TINY.channels)
     action = torch.full((4, T), 2)
-    args = (x, step["role"], step["frame"], step["level"], step["row"], step["col"], action)
+    args = (x, step["denoised"], step["frame"], step["level"], step["row"], step["col"], action)
     d.loss(recorder, *args, cfg_drop=0.0, generator=torch.Generator().manual_seed(0))
     t = seen["t"][:, denoised]
     assert (seen["t"][:, context] == 0).all() and (seen["action"] == 2).all()
@@ -319,7 +321,7 @@ def test_bad_inputs_are_named():
     with pytest.raises(ValueError, match="level"):
         call(model, x, dict(step, level=step["level"] + 1), torch.zeros(1, 64, dtype=torch.long))
     with pytest.raises(ValueError, match="group k = 0"):  # a hierarchical step given to the dense model
-        d.loss(d.VideoDiT(TINY_DENSE), x, step["role"], step["frame"], step["level"], step["row"], step["col"],
+        d.loss(d.VideoDiT(TINY_DENSE), x, step["denoised"], step["frame"], step["level"], step["row"], step["col"],
                torch.zeros(64, dtype=torch.long))
 
 
@@ -334,7 +336,7 @@ def test_overfits_one_sequence(cfg, step):
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     losses = []
     for _ in range(60):
-        value = d.loss(model, x, step["role"], step["frame"], step["level"], step["row"], step["col"], action,
+        value = d.loss(model, x, step["denoised"], step["frame"], step["level"], step["row"], step["col"], action,
                        cfg_drop=0.0, generator=torch.Generator().manual_seed(0))
         opt.zero_grad()
         value.backward()
@@ -350,7 +352,7 @@ def test_train_flops_matches_torch_flop_counter():
     step, model, B = millivid_step(), d.VideoDiT(TINY), 16
     x, action = torch.randn(B, 64, TINY.channels), torch.randint(0, 3, (B, 64))
     with FlopCounterMode(display=False) as counter:
-        d.loss(model, x, step["role"], step["frame"], step["level"], step["row"], step["col"], action,
+        d.loss(model, x, step["denoised"], step["frame"], step["level"], step["row"], step["col"], action,
                generator=torch.Generator().manual_seed(0)).backward()
     attention = 3 * B * 64 * TINY.depth * 4 * 64 * TINY.width  # QK^T and AV, forward + 2x backward
     assert counter.get_total_flops() == pytest.approx(d.train_flops(TINY, B, 64) - attention, rel=0.06)

@@ -115,7 +115,7 @@ def test_lpips_is_zero_for_identical_frames(lpips_random):
 
 def test_lpips_without_weights_says_which_file_and_where(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    net, why = ev.lpips_alex()
+    net, why = ev.tokenizer.lpips_net("alex")  # the one weight lookup, shared with the autoencoder's loss
     assert net is None
     assert "unavailable" in why and "alexnet-owt-7be5be79.pth" in why
     assert os.path.join(str(tmp_path), "hub", "checkpoints", "alexnet-owt-7be5be79.pth") in why
@@ -192,12 +192,18 @@ def test_derangement_has_no_fixed_points_and_is_deterministic():
 
 def test_eval_config_presets():
     paper, toy, tiny = (ev.eval_config(p) for p in ("paper", "toy", "tiny"))
-    assert (paper.context, paper.total, paper.buckets, paper.sampling_steps, paper.cfg_scale,
-            paper.batch_size, paper.num_videos) == (256, 1024, (64, 256, 768), 50, 1.0, 8, 1000)
-    assert (toy.context, toy.total, toy.buckets) == (128, 384, (21, 85, 256))
-    assert (tiny.context, tiny.total, tiny.buckets) == (32, 96, (5, 21, 64))
+    assert (paper.context, paper.total, paper.sampling_steps, paper.cfg_scale,
+            paper.batch_size, paper.num_videos) == (256, 1024, 50, 1.0, 8, 1000)
+    assert (toy.context, toy.total) == (128, 384) and (tiny.context, tiny.total) == (32, 96)
+    for cfg, ends in ((paper, (64, 256, 768)), (toy, (21, 85, 256)), (tiny, (5, 21, 64))):  # Table 1's buckets
+        assert [last for _, last in ev.horizon_buckets(cfg.total - cfg.context, cfg.buckets)] == list(ends)
+    import data  # the split is stated once, in data.py's presets
+    assert all((ev.eval_config(p).context, ev.eval_config(p).total) ==
+               (data.maze_config(p).context, data.maze_config(p).frames) for p in ("paper", "toy", "tiny"))
     with pytest.raises(ValueError, match="preset"):
         ev.eval_config("huge")
+    with pytest.raises(ValueError, match="EvalConfig: unknown key 'num_video'"):
+        ev.eval_config("tiny", num_video=3)
 
 
 # ----------------------------------------------------------------------------- protocol + report
@@ -308,7 +314,7 @@ def test_protocol_and_report_write_every_output(tmp_path, lpips_random):
 
 def test_unavailable_metrics_are_reported_with_reason(tmp_path):
     keys = ["000/000", "000/001"]
-    cfg = ev.eval_config("tiny", context=C, total=F, buckets=None, num_samples=0)
+    cfg = ev.eval_config("tiny", context=C, total=F, buckets=(), num_samples=0)
     res = ev.evaluate_videos(cfg, keys, lambda k: fake_video(int(k[-1])), fake_decode, [],
                              unavailable={"lpips": "LPIPS: unavailable (needs weights: test)"})
     assert res.buckets == [(1, 1), (2, 5), (6, 16)] and "lpips" not in res.rows[0].per_frame
@@ -328,7 +334,7 @@ def test_write_video_gif_and_plan_frames(tmp_path):
     assert len(frames) == 5 and frames[0].shape == (32 + ev.BAR, 64, 3)
     assert frames[0][ev.BAR + 5, 5, 0] == 100 and frames[4][ev.BAR + 5, 5, 0] == 200  # context dimmed
     assert frames[4][ev.BAR + 5, 40, 0] == 100                                        # level 1 upscaled
-    ev.write_video(str(tmp_path / "plan.gif"), frames, fps=10)
+    ev.data.write_video(str(tmp_path / "plan.gif"), frames, fps=10)  # the one video writer (data.py)
     from PIL import Image
     gif = Image.open(tmp_path / "plan.gif")  # Pillow merges identical neighbours: check playing time
     durations = []
@@ -345,6 +351,6 @@ def test_bad_protocol_inputs_get_clear_errors():
         ev.evaluate_videos(ev.eval_config("tiny", context=F, total=F), keys, load, fake_decode, [])
     short = ev.Model("short", lambda z, a: [z[0][:, :F - 1]])
     with pytest.raises(ValueError, match="model short: generate returned 23 frames, expected >= 24"):
-        ev.evaluate_videos(ev.eval_config("tiny", context=C, total=F, buckets=None), keys, load, fake_decode, [short])
+        ev.evaluate_videos(ev.eval_config("tiny", context=C, total=F, buckets=()), keys, load, fake_decode, [short])
     with pytest.raises(ValueError, match="test video 000/000: 24 frames, evaluation needs total=30"):
-        ev.evaluate_videos(ev.eval_config("tiny", context=C, total=30, buckets=None), keys, load, fake_decode, [])
+        ev.evaluate_videos(ev.eval_config("tiny", context=C, total=30, buckets=()), keys, load, fake_decode, [])

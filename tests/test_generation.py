@@ -1,8 +1,6 @@
 """The generation loop's bookkeeping is exact: with an oracle model that returns the true v of the
 ground-truth latents, every strategy regenerates the ground truth over several chunks (including an
 overshooting last chunk), and every CONTEXT token it is shown is ground truth that was available."""
-from types import SimpleNamespace
-
 import pytest
 import torch
 
@@ -17,7 +15,7 @@ class Oracle(torch.nn.Module):
     def __init__(self, truth, grids, dense):
         super().__init__()
         self.truth, self.grids, self.dense = truth, grids, dense
-        self.cfg = DiTConfig(strategy="framepack" if dense else "millivid")
+        self.cfg = DiTConfig(dense=dense)  # ddim_sample reads keep_actions from it
         self.calls = 0
 
     def forward(self, x_t, t, frame, level, row, col, action):
@@ -39,7 +37,7 @@ def grids_for(levels):
     return [[2 ** (levels - 1 - l)] * 2 for l in range(levels)]  # coarsest level is 1 x 1
 
 
-CASES = {  # name: (DiTConfig fields, levels)
+CASES = {  # name: (RolloutConfig fields, levels)
     "millivid-2": (dict(strategy="millivid", frames_per_level=(1, 4), extra_budget=4), 2),
     "millivid-3": (dict(strategy="millivid", frames_per_level=(1, 4, 16), extra_budget=16), 3),
     "millivid-4": (dict(strategy="millivid", frames_per_level=(1, 4, 16, 64), extra_budget=64), 4),
@@ -49,22 +47,23 @@ CASES = {  # name: (DiTConfig fields, levels)
     "framepack-dense": (dict(strategy="framepack", framepack_denoised=2, framepack_context=(1, 4, 16)), 3),
     "framepack-mirrored": (dict(strategy="framepack_mirrored", framepack_context=(1, 4, 16),
                                 framepack_mirrored=(2, 4, 8)), 3),
-    "upscale": (dict(strategy="upscale", upscale_frames=2, levels=3), 3),
+    "upscale": (dict(strategy="upscale", upscale_frames=2, frames_per_level=(1, 4, 16)), 3),  # levels: len(W)
 }
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_oracle_generation_reproduces_the_ground_truth(name):
     fields, levels = CASES[name]
-    cfg = SimpleNamespace(**{**DiTConfig().__dict__, "levels": levels, **fields})
+    cfg = rollout.rollout_config("paper", **fields)
     grids = grids_for(levels)
     steps, clipped = rollout.strategy_steps(cfg, grids[0][0] * grids[0][1])
-    dense = cfg.strategy == "framepack"
+    dense = cfg.dense
     D0 = rollout.first_denoised(steps)
     per_chunk = steps[0].selection.shape[1] - D0 - clipped
     start = D0 + 3
     end = start + 2 * per_chunk + max(1, per_chunk // 2)  # three chunks, the last one overshooting `end`
-    chunk_starts, frames = rollout.schedule(steps, start, end, clipped)
+    chunk_starts = rollout.chunk_starts(steps, start, end, clipped)
+    frames = chunk_starts[-1] + steps[0].selection.shape[1]
     assert len(chunk_starts) == 3 and frames > end
     torch.manual_seed(0)
     B, C = 2, 3
@@ -87,7 +86,7 @@ def test_oracle_generation_reproduces_the_ground_truth(name):
 
 def test_generation_never_reads_the_ground_truth_future():
     """Corrupting the ground truth from `start` on must not change the rollout at all."""
-    cfg = SimpleNamespace(**{**DiTConfig().__dict__, **CASES["millivid-3"][0], "levels": 3})
+    cfg = rollout.rollout_config("paper", **CASES["millivid-3"][0])
     grids = grids_for(3)
     steps, _ = rollout.strategy_steps(cfg, 16)
     torch.manual_seed(1)

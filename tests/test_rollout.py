@@ -1,5 +1,5 @@
-"""rollout.py against the spec's worked examples, the paper's figures and the invariants that make the
-bookkeeping correct (rollout.md; paper §3.2, Fig. 2, Fig. 10, Fig. 11, App. A.2-A.3)."""
+"""rollout.py against worked examples, the paper's figures and the invariants that make the bookkeeping
+correct (paper §3.2, Fig. 2, Fig. 10, Fig. 11, App. A.2-A.3)."""
 import os
 import subprocess
 import sys
@@ -13,9 +13,8 @@ import pytest
 import rollout
 from rollout import CONTEXT, DENOISED, UNSEEN
 
-# a copy of ../shared/spec/rollout-example-3-levels.txt, so the test runs wherever the repo is cloned
+# the 3-level worked example (Fig. 10's grid with W = 1, 4, 16), cell for cell, written by hand from §3.2
 EXAMPLE = os.path.join(os.path.dirname(__file__), "fixtures", "rollout-example-3-levels.txt")
-SPEC_EXAMPLE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "spec", "rollout-example-3-levels.txt")
 
 
 def tokens(step, T0, dense=False):
@@ -37,15 +36,12 @@ def parse_example(text):
 
 
 # ---------------------------------------------------------------------------------------------------
-# The spec's worked examples and the paper's numbers
+# Worked examples and the paper's numbers
 
 
 def test_three_level_example_cell_for_cell():
     with open(EXAMPLE) as f:
         text = f.read()
-    if os.path.exists(SPEC_EXAMPLE):  # the copy is the spec's file, byte for byte
-        with open(SPEC_EXAMPLE) as f:
-            assert f.read() == text
     N, expected = parse_example(text)
     steps = rollout.millivid_steps([1, 4, 16], 256, 256)
     assert N == 37 and len(steps) == len(expected) == 21
@@ -61,12 +57,11 @@ def test_three_level_example_cell_for_cell():
 def test_show_prints_the_example_file_byte_for_byte(capsys):
     with open(EXAMPLE) as f:
         expected = f.read()
-    rollout.main(["show", "millivid", "--frames-per-level", "1", "4", "16", "--extra-budget", "256",
-                  "--tokens", "256"])
+    rollout.main(["show", "millivid", "--frames-per-level=1,4,16", "--extra-budget", "256", "--tokens", "256"])
     assert capsys.readouterr().out == expected
     # and as a script, the way readers run it
-    out = subprocess.run([sys.executable, "rollout.py", "show", "millivid", "--frames-per-level", "1", "4", "16",
-                          "--extra-budget", "256", "--tokens", "256"], capture_output=True, text=True, check=True,
+    out = subprocess.run([sys.executable, "rollout.py", "show", "millivid", "--frames_per_level=1,4,16",
+                          "--extra_budget=256", "--tokens", "256"], capture_output=True, text=True, check=True,
                          cwd=os.path.dirname(rollout.__file__)).stdout
     assert out == expected
 
@@ -103,14 +98,14 @@ def test_paper_step_zero():
 
 def test_paper_schedule_and_cost():
     steps = rollout.millivid_steps([3, 12, 48, 192], 768, 256)
-    chunk_starts, end = rollout.schedule(steps, 256, 1024)
-    assert chunk_starts == [1, 193, 385, 577] and end == 1024
+    chunk_starts = rollout.chunk_starts(steps, 256, 1024)
+    assert chunk_starts == [1, 193, 385, 577] and chunk_starts[-1] + 447 == 1024
     f = rollout.figures(steps, 256, 256, 1024)
     assert f["rollout_steps"] == 340 and f["nfe"] == 340 * 50
     fp = rollout.figures(rollout.framepack_steps(3, [3, 12, 48, 192]), 256, 256, 1024, dense=True)
     assert fp["tokens"] == 3840 and fp["rollout_steps"] == 256
     assert Fraction(f["rollout_steps"], fp["rollout_steps"]) == Fraction(85, 64)  # App. A.3: ~33% more
-    full = rollout.figures(rollout.baseline_steps(14), 256, 256, 1024)
+    full = rollout.figures(rollout.fullres_steps(14), 256, 256, 1024)
     assert full["tokens"] == 3584 and full["first_denoised"] == 7 and full["rollout_steps"] == 110  # ceil(768/7)
 
 
@@ -129,21 +124,20 @@ def test_framepack_example():
 
 def test_fullres_rollout():
     for n, T0, ctx, tok in [(14, 256, 7, 3584), (5, 64, 2, 320), (4, 16, 2, 64)]:  # paper, toy, tiny
-        (step,) = rollout.baseline_steps(n)
+        (step,) = rollout.fullres_steps(n)
         np.testing.assert_array_equal(step.selection[0], [CONTEXT] * ctx + [DENOISED] * (n - ctx))
         assert tokens(step, T0) == tok
 
 
 @pytest.mark.parametrize("preset, T0, tok, N, D0, new", [("toy", 64, 320, 149, 85, 64), ("tiny", 16, 64, 37, 21, 16)])
 def test_toy_and_tiny_budgets(preset, T0, tok, N, D0, new):
-    """CONTRACTS.md: within a preset MilliVid, dense FramePack and full-res rollout have equal budgets."""
-    import diffusion
-    a, cfg = rollout.PRESETS[preset], diffusion.dit_config(preset)
-    assert a["tokens_per_frame"] == T0
+    """Within a preset MilliVid, dense FramePack and full-res rollout have equal budgets."""
+    (T0_, start, end), cfg = rollout.preset_frames(preset), rollout.rollout_config(preset)
+    assert T0_ == T0
     steps, _ = rollout.strategy_steps(cfg, T0)
-    f = rollout.figures(steps, T0, a["start"], a["end"])
+    f = rollout.figures(steps, T0, start, end)
     assert (f["tokens"], f["chunk_frames"], f["first_denoised"], f["new_frames"]) == (tok, N, D0, new)
-    assert f["equal_tokens"] and f["rollout_steps"] == (a["end"] - a["start"]) // new * len(steps)
+    assert f["equal_tokens"] and f["rollout_steps"] == (end - start) // new * len(steps)
     dense = rollout.strategy_steps(replace(cfg, strategy="framepack"), T0)[0]
     assert tokens(dense[0], T0, dense=True) == tok
     assert tokens(rollout.strategy_steps(replace(cfg, strategy="fullres"), T0)[0][0], T0) == tok
@@ -178,8 +172,9 @@ def replay(steps, start, end, num_clipped=0):
     """Run the schedule over a video with ground truth before `start`: no step may read a cell as
     CONTEXT before the ground truth or an earlier step produced it, and no cell is rewritten after
     it has been read (what prevents the stop/go inconsistency). Returns the produced cells."""
-    chunk_starts, buffer_end = rollout.schedule(steps, start, end, num_clipped)
+    chunk_starts = rollout.chunk_starts(steps, start, end, num_clipped)
     L, N = steps[0].selection.shape
+    buffer_end = chunk_starts[-1] + N
     assert buffer_end >= end and chunk_starts[0] == start - rollout.first_denoised(steps)
     produced = np.zeros((L, buffer_end), bool)
     produced[:, :start] = True
@@ -238,7 +233,7 @@ def other_strategies():
                  ([1, 0, 7], [2, 2, 2])]:
         yield f"mirrored D={D} K={K}", rollout.framepack_mirrored_steps(D, K), sum(D) - D[0]
     for n in (2, 4, 5, 14):
-        yield f"fullres n={n}", rollout.baseline_steps(n), 0
+        yield f"fullres n={n}", rollout.fullres_steps(n), 0
     for B, L in [(2, 4), (2, 3), (4, 2), (2, 5)]:
         yield f"upscale B={B} L={L}", rollout.rollout_upscale_steps(B, L), 0
 
@@ -269,20 +264,21 @@ def test_probabilities_of_the_paper_config():
     p = rollout.step_probabilities(steps)
     assert p[0] == 0.25 and steps[0].group == 3
     assert np.allclose(p[[s.group == 0 for s in steps]], 0.25 / 64)
-    assert rollout.step_probabilities(rollout.baseline_steps(14)).tolist() == [1.0]
+    assert rollout.step_probabilities(rollout.fullres_steps(14)).tolist() == [1.0]
 
 
-def test_schedule_sliding_and_errors():
+def test_chunk_sliding_and_errors():
     steps = rollout.millivid_steps([1, 4, 16, 64], 64, 64)  # toy: N 149, D0 85, 64 new frames
-    assert rollout.schedule(steps, 128, 384) == ([43, 107, 171, 235], 384)
-    assert rollout.schedule(steps, 128, 390) == ([43, 107, 171, 235, 299], 448)  # overshoots 390
-    assert rollout.schedule(steps, 85, 86) == ([0], 149)
+    assert rollout.chunk_starts(steps, 128, 384) == [43, 107, 171, 235]  # the last ends at 235 + 149 = 384
+    assert rollout.chunk_starts(steps, 128, 390) == [43, 107, 171, 235, 299]  # overshoots 390: ends at 448
+    assert rollout.chunk_starts(steps, 85, 86) == [0]
     with pytest.raises(ValueError, match="start=84"):
-        rollout.schedule(steps, 84, 300)
+        rollout.chunk_starts(steps, 84, 300)
     mirrored = rollout.framepack_mirrored_steps([1, 4, 16], [1, 4, 16])  # N 42, D0 21, 1 finished frame
-    assert rollout.schedule(mirrored, 32, 35, num_clipped=20) == ([11, 12, 13], 55)
+    assert rollout.chunk_starts(mirrored, 32, 35, num_clipped=20) == [11, 12, 13]
+    assert rollout.figures(mirrored, 16, 32, 35, num_clipped=20)["buffer_end"] == 55
     with pytest.raises(ValueError, match="num_clipped"):
-        rollout.schedule(mirrored, 32, 35, num_clipped=21)
+        rollout.chunk_starts(mirrored, 32, 35, num_clipped=21)
 
 
 def test_cost_ratio_is_85_over_64_at_equal_budget():
@@ -312,7 +308,7 @@ def test_step_layout_order_and_counts():
         np.testing.assert_array_equal(lay["role"], step.selection[lay["level"], lay["frame"]])
         for l, (h, w) in enumerate(grids):
             assert (lay["level"] == l).sum() == (step.selection[l] != UNSEEN).sum() * h * w
-    lay = rollout.step_layout(rollout.baseline_steps(2)[0].selection, [(1, 2), (1, 1)])  # by hand
+    lay = rollout.step_layout(rollout.fullres_steps(2)[0].selection, [(1, 2), (1, 1)])  # by hand
     assert {k: v.tolist() for k, v in lay.items()} == dict(
         frame=[0, 0, 1, 1], level=[0, 0, 0, 0], row=[0, 0, 0, 0], col=[0, 1, 0, 1], role=[1, 1, 2, 2])
     with pytest.raises(ValueError, match="grids"):
@@ -375,6 +371,8 @@ def test_bad_input_is_named():
     with pytest.raises(ValueError, match="base_frames"):
         rollout.rollout_upscale_steps(1, 3)
     with pytest.raises(SystemExit):
-        rollout.main(["show", "millivid", "--frames-per-level", "1", "3", "5"])
+        rollout.main(["show", "millivid", "--frames-per-level=1,3,5"])
+    with pytest.raises(SystemExit):  # strict: an unknown setting is an error, not ignored
+        rollout.main(["show", "millivid", "--frames-per-levle=1,4,16"])
     with pytest.raises(SystemExit, match="does not exist"):
         rollout.main(["show", "fullres", "--image", "/nonexistent/folder/x.png"])

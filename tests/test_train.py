@@ -22,26 +22,33 @@ class Cfg:
 
 
 def test_overrides_are_typed_and_strict():
-    cfg, run = Cfg(), train.RunConfig()
-    train.apply_overrides([cfg, run], {"lr": "3e-4", "steps": "7", "levels": "1,4,16", "flag": "true",
-                                       "variant": "cascaded", "seed": "5"})
+    """One mechanism for every config (data.make_config): command-line text parsed by the field's type,
+    routed to the config that owns the key (train.build); unknown keys and bad values are named."""
+    makers = {Cfg: lambda preset, **o: data.make_config(Cfg, {"tiny": {}}, preset, o), train.RunConfig: train.run_config}
+    cfg, run = train.build("tiny", {"lr": "3e-4", "steps": "7", "levels": "1,4,16", "flag": "true",
+                                    "variant": "cascaded", "seed": "5"}, makers)
     assert (cfg.lr, cfg.steps, cfg.levels, cfg.flag, cfg.variant) == (3e-4, 7, (1, 4, 16), True, "cascaded")
-    assert run.seed == 5
+    assert run.seed == 5 and run.workers == 0  # the tiny preset's, kept
     with pytest.raises(SystemExit, match="unknown setting"):
-        train.apply_overrides([cfg, run], {"lrr": "1"})
-    with pytest.raises(SystemExit, match="--steps=seven"):
-        train.apply_overrides([cfg, run], {"steps": "seven"})
-    with pytest.raises(SystemExit, match="true/false"):
-        train.apply_overrides([cfg, run], {"flag": "yes please"})
+        train.build("tiny", {"lrr": "1"}, makers)
+    with pytest.raises(ValueError, match="Cfg: steps='seven' should be of type int"):
+        data.make_config(Cfg, {"p": {}}, "p", {"steps": "seven"})
+    with pytest.raises(ValueError, match="true/false"):
+        data.make_config(Cfg, {"p": {}}, "p", {"flag": "yes please"})
+    with pytest.raises(ValueError, match="unknown preset"):
+        data.make_config(Cfg, {"p": {}}, "q", {})
+    assert data.make_config(Cfg, {"p": {"steps": 3}}, "p", {"lr": 1}).lr == 1  # an int passes for a float
+    with pytest.raises(SystemExit, match="error: DiTConfig.width = 50"):  # a config's own check, no traceback
+        train.build("tiny", {"width": "50"}, {diffusion.DiTConfig: diffusion.dit_config})
 
 
-def test_parse_args_forms():
-    assert train.parse_args(["--stage", "ae", "--preset=tiny", "--lr=1e-4", "--batch-size", "8"]) == \
+def test_parse_command_forms():
+    assert train.parse_command(["--stage", "ae", "--preset=tiny", "--lr=1e-4", "--batch-size", "8"]) == \
         ("ae", "tiny", {"lr": "1e-4", "batch_size": "8"})
     with pytest.raises(SystemExit):
-        train.parse_args(["--stage", "bogus"])
+        train.parse_command(["--stage", "bogus"])
     with pytest.raises(SystemExit):
-        train.parse_args(["--stage", "ae", "stray"])
+        train.parse_command(["--stage", "ae", "stray"])
 
 
 def test_muon_gets_exactly_the_linear_weights():
@@ -107,7 +114,51 @@ def test_video_inputs_draw_steps_and_actions():
     inputs = train.video_inputs(batch, gathers, probs, torch.device("cpu"))
     assert inputs["x"].shape == (3, 64, 8)  # tiny budget: 64 tokens per step
     assert torch.equal(inputs["action"], inputs["frame"])  # action of each token's own frame
-    assert set(inputs["role"].unique().tolist()) == {rollout.CONTEXT, rollout.DENOISED}
+    torch.manual_seed(0)
+    drawn = torch.multinomial(probs, 3, replacement=True).tolist()  # the same draw as video_inputs made
+    expected = torch.stack([gathers[s]["role"] == rollout.DENOISED for s in drawn])
+    assert inputs["denoised"].dtype == torch.bool and expected.any() and not expected.all()
+    assert torch.equal(inputs["denoised"], expected)  # the drawn step's DENOISED tokens, nothing else
+
+
+# ----------------------------------------------------------------------------- the datasets the loops read
+
+def test_frame_dataset_and_distributed_sampler_partition(tmp_path):
+    rng = np.random.default_rng(0)
+    videos = {"000/000": rng.integers(0, 256, (5, 8, 8, 3), np.uint8),
+              "000/001": rng.integers(0, 256, (7, 8, 8, 3), np.uint8)}
+    for k, v in videos.items():
+        data.write_frames(str(tmp_path / f"{k}.frames"), v, len(v))
+    (tmp_path / "index.json").write_text(json.dumps({k: len(v) for k, v in videos.items()}))
+    ds = train.FrameDataset(str(tmp_path))
+    assert len(ds) == 12
+    x = ds[6]                                          # video 1, frame 1
+    assert x.shape == (3, 8, 8) and x.dtype == torch.float32
+    torch.testing.assert_close(x, torch.from_numpy(videos["000/001"][1]).permute(2, 0, 1).float() / 255)
+    parts = [list(torch.utils.data.distributed.DistributedSampler(ds, num_replicas=3, rank=r, shuffle=True, seed=5)) for r in range(3)]
+    assert sorted(sum(parts, [])) == list(range(12)) and all(len(p) == 4 for p in parts)
+    kept, val = train.split_keys([f"{i:03d}/000" for i in range(50)][::-1], holdout=0.1, seed=3)
+    assert (kept, val) == train.split_keys([f"{i:03d}/000" for i in range(50)], holdout=0.1, seed=3)
+    assert len(val) == 5 and sorted(kept + val) == [f"{i:03d}/000" for i in range(50)]
+
+
+def test_latent_store_and_chunk_dataset(tmp_path):
+    rng = np.random.default_rng(0)
+    levels = {k: [rng.normal(size=(f, 4 ** (1 - l), 3)) for l in range(2)] for k, f in (("a/0", 6), ("a/1", 4))}
+    actions = {k: np.tile(np.arange(len(v[0]))[:, None] % 3, (1, 6)).astype(np.float32) for k, v in levels.items()}
+    for k in levels:
+        data.write_latents(str(tmp_path), k, levels[k], actions[k])
+    (tmp_path / "index.json").write_text(json.dumps({k: len(v[0]) for k, v in levels.items()}))  # encode writes it
+    np.testing.assert_array_equal(data.read_latents(str(tmp_path), "a/0", 1, 2, 5),
+                                  levels["a/0"][1][2:5].astype(np.float16))
+    ds = train.ChunkDataset(str(tmp_path), ["a/0", "a/1"], chunk_frames=3)
+    assert len(ds) == (6 - 3 + 1) + (4 - 3 + 1)
+    item = ds[5]                                       # second chunk of a/1
+    assert item["key"] == "a/1" and item["start"] == 1
+    assert [z.shape for z in item["latents"]] == [(3, 4, 3), (3, 1, 3)] and item["latents"][0].dtype == torch.float32
+    torch.testing.assert_close(item["latents"][1], torch.from_numpy(levels["a/1"][1][1:4].astype(np.float16).astype(np.float32)))
+    assert item["actions"].tolist() == [1, 2, 0] and item["actions"].dtype == torch.long
+    assert len(train.ChunkDataset(str(tmp_path), ["a/0"], 3, levels=[1])[0]["latents"]) == 1
 
 
 # ----------------------------------------------------------------------------- whole runs on the tiny preset
@@ -147,7 +198,7 @@ def test_autoencoder_resume_is_exact(frames, tmp_path):
     assert os.path.exists(tmp_path / "resumed" / "ckpt-00000003.pt")
     resumed = train.train("ae", cfg(6), quiet_run(tmp_path / "resumed", frames), "tiny")
     assert same_parameters(straight, resumed)
-    first = train.load_model(str(tmp_path / "resumed" / "ckpt-00000003.pt"))
+    first = tokenizer.HierarchicalAutoencoder.from_checkpoint(str(tmp_path / "resumed" / "ckpt-00000003.pt"))
     assert not same_parameters(first, resumed)  # the resumed run did train on
 
 
@@ -158,18 +209,26 @@ def test_encode_then_video_resume_is_exact(frames, tmp_path):
     meta = json.load(open(tmp_path / "latents" / "meta.json"))
     assert meta["grids"] == [[4, 4], [2, 2], [1, 1]] and meta["channels"] == 8
     key = sorted(data.load_index(frames))[0]
-    ae = train.load_model(str(tmp_path / "ae"))
+    ae = tokenizer.HierarchicalAutoencoder.from_checkpoint(str(tmp_path / "ae"))
     x = torch.from_numpy(data.read_frames(frames, key, 5, 7)).permute(0, 3, 1, 2).float() / 255
     for level, z in enumerate(ae.encode(x)):  # stored latents (float16) are the encoder's output
         np.testing.assert_allclose(data.read_latents(str(tmp_path / "latents"), key, level, 5, 7), z.detach(),
                                    atol=2e-3)
     for strategy in ("millivid", "framepack"):
-        cfg = lambda steps: diffusion.dit_config("tiny", strategy=strategy, steps=steps, batch_size=4, warmup=3)
+        roll = rollout.rollout_config("tiny", strategy=strategy)
+        cfg = lambda steps: diffusion.dit_config("tiny", dense=roll.dense, steps=steps, batch_size=4, warmup=3)
         store = str(tmp_path / "latents")
-        straight = train.train("video", cfg(4), quiet_run(tmp_path / f"{strategy}-a", store), "tiny")
-        train.train("video", cfg(2), quiet_run(tmp_path / f"{strategy}-b", store), "tiny")
-        resumed = train.train("video", cfg(4), quiet_run(tmp_path / f"{strategy}-b", store), "tiny")
+        straight = train.train("video", cfg(4), quiet_run(tmp_path / f"{strategy}-a", store), "tiny", roll)
+        train.train("video", cfg(2), quiet_run(tmp_path / f"{strategy}-b", store), "tiny", roll)
+        resumed = train.train("video", cfg(4), quiet_run(tmp_path / f"{strategy}-b", store), "tiny", roll)
         assert same_parameters(straight, resumed)
+        # the checkpoint alone rebuilds the model and the strategy it was trained for
+        loaded = diffusion.VideoDiT.from_checkpoint(str(tmp_path / f"{strategy}-b"))
+        assert same_parameters(loaded, resumed) and loaded.cfg.dense == roll.dense
+        assert rollout.RolloutConfig.from_checkpoint(str(tmp_path / f"{strategy}-b")) == roll
+    with pytest.raises(ValueError, match="dense"):  # a dense model trained for a hierarchical strategy
+        train.train("video", diffusion.dit_config("tiny", dense=True), quiet_run(tmp_path / "x", store), "tiny",
+                    rollout.rollout_config("tiny"))
 
 
 def test_two_process_torchrun_keeps_ranks_identical(frames, tmp_path):
