@@ -294,3 +294,25 @@ def test_levels_command_scores_each_level_and_writes_the_figure(tmp_path, capsys
     assert abs(psnr[2] - direct) < 1e-6
     from PIL import Image
     assert Image.open(image).size == (4 * 32, 4 * 32)  # (1 + levels) columns, 2 rows per checkpoint
+
+
+def test_checkpoints_load_themselves_and_old_formats_are_refused(tiny, tmp_path):
+    """from_checkpoint rebuilds the model from the config stored beside its weights; a checkpoint written
+    by an older version (no format number: the first version's layout) or of another stage fails with a
+    message naming the file instead of being misread."""
+    import dataclasses
+    from tokenizer import CHECKPOINT_FORMAT, read_checkpoint
+    model = tiny
+    config = {"stage": "ae", "format": CHECKPOINT_FORMAT, "model": dataclasses.asdict(model.cfg)}
+    torch.save({"model": model.state_dict(), "config": config}, tmp_path / "ckpt-00000001.pt")
+    loaded = HierarchicalAutoencoder.from_checkpoint(str(tmp_path))  # a run folder: its newest checkpoint
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+    assert not loaded.training and loaded.cfg == model.cfg
+    old = {k: v for k, v in config.items() if k != "format"}
+    torch.save({"model": model.state_dict(), "config": old}, tmp_path / "ckpt-00000002.pt")
+    with pytest.raises(ValueError, match=r"ckpt-00000002.pt: .*format 1.*expected stage 'ae', format 2"):
+        HierarchicalAutoencoder.from_checkpoint(str(tmp_path))
+    with pytest.raises(ValueError, match="expected stage 'video'"):
+        read_checkpoint(str(tmp_path / "ckpt-00000001.pt"), "video")
+    with pytest.raises(FileNotFoundError, match="nothing-here"):
+        HierarchicalAutoencoder.from_checkpoint(str(tmp_path / "nothing-here"))
