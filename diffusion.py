@@ -59,8 +59,7 @@ class DiTConfig:
 
 
 def _latents(preset):  # what the DiT models: the latent channels and levels of the preset's autoencoder
-    ae = tokenizer.ae_config(preset)
-    return dict(channels=ae.channels, levels=ae.levels)
+    return {k: getattr(tokenizer.ae_config(preset), k) for k in ("channels", "levels")}
 
 
 PRESETS = {
@@ -108,10 +107,9 @@ def sincos_3d(frame, row, col, width):
 
 
 # ----------------------------------------------------------------------------------------------------
-# The DiT's blocks are tokenizer.AdaLNBlock with per-token conditioning: every token has its own
-# (t, level, action), but a batch holds only a few distinct ones, so the modulation is computed once per
-# distinct value and gathered (per_token): the same numbers as a per-token Linear, saving a fifth (paper
-# size, 3840 tokens) to a third (toy) of the training FLOPs.
+# The DiT's blocks are tokenizer.AdaLNBlock with per-token conditioning: each token has its own (t, level,
+# action), but a batch holds few distinct ones; modulating once per distinct value saves a fifth (paper)
+# to a third (toy) of the training FLOPs against a per-token Linear, with the same numbers.
 
 class FinalLayer(nn.Module):
     """adaLN + Linear back to the C latent channels (DiT); zero-initialised, so v starts at 0."""

@@ -56,8 +56,7 @@ class EvalConfig:
 
 
 def _split(preset):  # the preset's [context, total): data.py states it once for every stage
-    _, context, total = rollout.preset_frames(preset)
-    return dict(context=context, total=total)
+    return dict(zip(("context", "total"), rollout.preset_frames(preset)[1:]))
 
 
 PRESETS = {"paper": _split("paper"), "toy": dict(num_videos=32, batch_size=16, **_split("toy")),
@@ -73,8 +72,7 @@ def eval_config(preset="paper", **overrides):
 
 PSNR_CAP = 100.0  # dB; identical frames (MSE = 0) score this instead of inf, so bucket means stay finite
 # name -> (label, higher is better); the consistency metrics computed here
-METRICS = {"psnr": ("PSNR", True), "ssim": ("SSIM", True), "lpips": ("LPIPS", False),
-           "maze": ("maze colour", True)}
+METRICS = {"psnr": ("PSNR", True), "ssim": ("SSIM", True), "lpips": ("LPIPS", False), "maze": ("maze colour", True)}
 # §4 metrics whose networks are not in our dependencies and whose weights cannot be downloaded here
 UNAVAILABLE = {
     "dino": "DINOv2 CLS cosine: unavailable (needs weights: DINOv2 ViT-L/14, 252x252 crop; not implemented)",
@@ -195,10 +193,6 @@ def horizon_buckets(num_generated, ends=None):
     return [(first + 1, last) for first, last in zip([0] + ends[:-1], ends)]
 
 
-def bucket_name(bucket):
-    return f"{bucket[0]}-{bucket[1]}"
-
-
 def bucket_means(per_frame, buckets):
     """(V, K) per-frame values -> [mean over the bucket's offsets of the per-offset video mean]."""
     c = np.asarray(per_frame, np.float64).mean(0)  # (K,) the Fig. 4 curve: mean over videos per offset
@@ -268,7 +262,7 @@ def summarize(results):
         "metrics": {m: {"label": METRICS[m][0], "higher_is_better": METRICS[m][1]} for m in present},
         "unavailable": dict(results.unavailable), "config": dict(results.config),
         "rows": [{"name": r.name, "reference": r.reference, "videos": len(r.keys),
-                  "metrics": {m: dict(zip(map(bucket_name, results.buckets),
+                  "metrics": {m: dict(zip([f"{a}-{b}" for a, b in results.buckets],
                                           bucket_means(r.per_frame[m], results.buckets)))
                               for m in present if m in r.per_frame},
                   "rollout_steps": r.rollout_steps, "network_evals": r.network_evals, "wall_s_per_video": r.wall_s}
@@ -278,7 +272,7 @@ def summarize(results):
 def results_markdown(summary):
     """Table 1 layout: one row per model / reference, metric x bucket columns, then the cost columns;
     the best model (reference rows excluded) of each column in bold."""
-    buckets = [bucket_name(b) for b in summary["buckets"]]
+    buckets = [f"{a}-{b}" for a, b in summary["buckets"]]
     cols = [(m, b) for m in summary["metrics"] for b in buckets]
     models = [r for r in summary["rows"] if not r["reference"]]
     best = {(m, b): (max if summary["metrics"][m]["higher_is_better"] else min)(
@@ -477,8 +471,7 @@ def evaluate_videos(cfg, keys, load, decode, models, palette=None, lpips_net=Non
                 context = decode_frames(decode, v.latents[0][:c], 0, device)
                 plans = {name: [decode_frames(decode, z[l][b, :n], l, device) for l in range(len(z))]
                          for name, z in out.items() if len(z) > 1}
-                mp = None if draw_map is None else (
-                    lambda t, v=v: draw_map(v.world, v.poses[:t + 1], c, cfg.map_size))
+                mp = None if draw_map is None else (lambda t, v=v: draw_map(v.world, v.poses[:t + 1], c, cfg.map_size))
                 samples.append(Sample(keys[i], {"ground truth": v.frames[:n]} | {
                     m.name: np.concatenate([context, frames[m.name]]) for m in models}, mp, plans))
     rows = [Row(m.name, {k: np.stack(x) for k, x in values[m.name].items()}, list(keys), False,

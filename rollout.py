@@ -9,10 +9,8 @@ most recent frame and the coarse plan of the future, so super-resolution and tem
 disagree (the stop/go sign of §3.2). All its steps have the same token count, so training stacks
 randomly drawn steps into one batch without padding (§3.2, Training Procedure).
 
-Here: `RolloutConfig` (a strategy and its settings, paper defaults and presets), one function per
-strategy returning its steps, the training distribution over steps, chunk sliding, a step's token
-layout, the cost figures of App. A.3, the generation loop `generate`, and a command that prints, draws,
-costs or benchmarks a strategy:
+Here: `RolloutConfig`, one function per strategy returning its steps, the training distribution, chunk
+sliding, a step's tokens, App. A.3's cost figures, the generation loop, and a command line:
 
     python rollout.py show millivid --frames-per-level=1,4,16 --extra-budget=256 --tokens 256
     python rollout.py show framepack --preset toy --dense --figures --image framepack.png
@@ -129,11 +127,10 @@ def millivid_steps(frames_per_level, extra_budget, tokens_per_frame):
     L0  ....................CD...............      ...................................CD
 
     Step 0 rolls level 2 sixteen frames ahead (21-36: the "plan") from its own past (0-15, its E_2 extra
-    frames) and the finer present (level 1: 16-19, level 0: 20). Step 1 makes level 1's first window
-    (21-24) with the plan in context at its true place. Step 2 makes level-0 frame 21: level 1 shows the
-    future 21-24, level 2 the rest of its plan (25-36) plus, since four of its sixteen frames are already
-    shown finer, four frames of the past (16-19). Steps 2-5 make frames 21-24 one by one, then step 6
-    moves level 1 on (depth first, Fig. 10); step 20 makes frame 36. Every step: 1024 tokens.
+    frames) and the finer present (level 1: 16-19, level 0: 20). Step 1 makes level 1's first window (21-24)
+    with the plan in context at its true place. Step 2 makes level-0 frame 21: level 1 shows the future
+    21-24, level 2 the rest of its plan (25-36) plus, as four of its sixteen frames are shown finer, four
+    past frames (16-19). Steps 2-5 make frames 21-24, step 6 moves level 1 on (depth first, Fig. 10)...
     """
     W = _positive("frames_per_level", frames_per_level)
     L = len(W)
@@ -460,9 +457,8 @@ def main(argv=None):
         layout = {k: torch.from_numpy(v) for k, v in layout.items()}
         return diffusion.bench(diffusion.dit_config(preset), layout | {"denoised": layout["role"] == DENOISED},
                                args.device, batch, args.iters)
-    preset = args.preset or "paper"
-    T0, start, end = preset_frames(preset)
-    T0, start, end = args.tokens or T0, args.start or start, args.end or end
+    preset = args.preset or "paper"  # T_0 and [start, end): the preset's unless given
+    T0, start, end = (a or b for a, b in zip((args.tokens, args.start, args.end), preset_frames(preset)))
     try:
         cfg = rollout_config(preset, **data.parse_overrides(rest), strategy=args.strategy.replace("-", "_"))
         if args.command == "cost":
@@ -503,15 +499,21 @@ def token_index(layout, grids, num_frames, dense=False):
     return index, tokens[level]
 
 
+def step_tokens(step, grids, num_frames, dense=False):
+    """A step's tokens as (T,) tensors, for training (a chunk) and generation (the buffer) alike: layout,
+    `denoised` mask and place in `num_frames` frames of latents flattened level-major (index, per_frame)."""
+    layout = step_layout(step.selection, grids, dense)
+    index, per_frame = token_index(layout, grids, num_frames, dense)
+    out = {**layout, "denoised": layout["role"] == DENOISED, "index": index, "per_frame": per_frame}
+    return {k: torch.from_numpy(v) for k, v in out.items()}
+
+
 def generate(model, steps, latents, actions, start, end, grids, *, dense=False, num_clipped=0,
              sampling_steps=50, cfg_scale=1.0, generator=None):
-    """Roll a batch of videos out from ground-truth context, all in lockstep (§3.2, App. A.2).
-
-    latents: per level (B, F, T_l, C) ground truth, of which only frames < start are read;
-    actions: (B, F) long. Returns per level (B, F', T_l, C) with F' >= end: frames [start, end) are
-    generated, frames past `end` come from an overshooting last chunk (padding, never scored).
-    Every step of every chunk reads its tokens from one buffer by (frame, level, row, col), denoises its
-    DENOISED ones with DDIM and writes them back; a later step reads them as CONTEXT."""
+    """Roll a batch of videos out from ground-truth context, all in lockstep (§3.2, App. A.2). latents: per
+    level (B, F, T_l, C), only frames < start read; actions: (B, F) long. Returns per level (B, F', T_l, C),
+    F' >= end: [start, end) generated, later frames are an overshooting last chunk's padding. Each step
+    reads its tokens from one buffer, denoises its DENOISED ones and writes them back for later steps."""
     num_levels = 1 if dense else len(steps[0].selection)
     starts = chunk_starts(steps, start, end, num_clipped)
     frames = starts[-1] + steps[0].selection.shape[1]  # the buffer holds the overshooting last chunk too
@@ -522,21 +524,18 @@ def generate(model, steps, latents, actions, start, end, grids, *, dense=False, 
                             .flatten(1, 2) for z in latents[:num_levels]], 1)  # (B, sum_l F'·T_l, C)
         # past the video's end the last action simply continues (those frames are padding)
         actions = torch.cat([actions[:, :frames], actions[:, -1:].expand(B, max(0, frames - actions.shape[1]))], 1)
-        plans = []  # per step, computed once on the host: its layout, where it reads, what it generates
-        for step in steps:
-            layout = step_layout(step.selection, grids, dense)
-            index, per_frame = token_index(layout, grids, frames, dense)
-            new = np.flatnonzero(layout["role"] == DENOISED)  # positions of the generated tokens
-            plans.append(({k: torch.from_numpy(v).to(device) for k, v in layout.items()},
-                          *(torch.from_numpy(a).to(device) for a in (index, per_frame, new))))
+        # per step, once, on the host: its tokens, where they live, which positions it generates ("new")
+        plans = [step_tokens(step, grids, frames, dense) for step in steps]
+        plans = [{k: v.to(device) for k, v in p.items()} | {"new": p["denoised"].nonzero()[:, 0].to(device)}
+                 for p in plans]
         for s in starts:
-            for layout, index, per_frame, new in plans:
-                where = index + s * per_frame  # (T,) this step's tokens in the buffer
-                frame = layout["frame"] + s    # global frame index; the model makes frames relative
-                x = diffusion.ddim_sample(model, buffer[:, where], layout["role"] == DENOISED, frame, layout["level"],
-                                          layout["row"], layout["col"], actions[:, frame], steps=sampling_steps,
-                                          cfg_scale=cfg_scale, generator=generator)
-                buffer[:, where[new]] = x[:, new].to(buffer.dtype)  # write back by (frame, level, row, col)
+            for p in plans:
+                where = p["index"] + s * p["per_frame"]  # (T,) this step's tokens in the buffer
+                frame = p["frame"] + s                   # global frame index; the model makes frames relative
+                x = diffusion.ddim_sample(model, buffer[:, where], p["denoised"], frame, p["level"], p["row"], p["col"],
+                                          actions[:, frame], steps=sampling_steps, cfg_scale=cfg_scale,
+                                          generator=generator)
+                buffer[:, where[p["new"]]] = x[:, p["new"]].to(buffer.dtype)  # write back by (frame, level, row, col)
         sizes = [frames * h * w for h, w in grids[:num_levels]]
         return [z.unflatten(1, (frames, -1)) for z in buffer.split(sizes, 1)]  # per level (B, F', T_l, C)
 

@@ -16,8 +16,7 @@ levels add texture.
 The cascaded ablation (§5 Q1/Q2, Fig. 5 bottom, Fig. 6, `variant="cascaded"`) replaces the learned
 coarse levels by 2×2 mean pools of the level-0 latents.
 
-The transformer pieces (`sincos_embed`, `Attention`, `Mlp`, `Block`, the adaLN-Zero `AdaLNBlock`) and
-checkpoint reading (`read_checkpoint`) are shared with diffusion.py, which imports this file.
+The transformer pieces (`Attention`, `Block`, the adaLN-Zero `AdaLNBlock`, ...) and checkpoints are shared.
 
     python tokenizer.py levels runs/toy/ae --data runs/toy/data/test --image levels.png    # Fig. 5
 """
@@ -61,15 +60,13 @@ class AEConfig:
 
     def __post_init__(self):
         coarsest = self.patch_size * 2 ** (self.levels - 1)
-        checks = [
-            (self.levels >= 1, "levels", "at least 1"),
-            (self.image_size % coarsest == 0, "image_size",
-             f"a multiple of patch_size·2^(levels-1) = {coarsest}, so every level has whole patches"),
-            (self.width % self.heads == 0, "width", f"a multiple of heads = {self.heads}"),
-            (self.width % 4 == 0, "width", "a multiple of 4 (2D sin/cos positions)"),
-            (self.variant in ("hierarchical", "cascaded"), "variant", "'hierarchical' or 'cascaded'"),
-            (self.lpips_weight >= 0, "lpips_weight", ">= 0"),
-        ]
+        checks = [(self.levels >= 1, "levels", "at least 1"),
+                  (self.image_size % coarsest == 0, "image_size",
+                   f"a multiple of patch_size·2^(levels-1) = {coarsest}, so every level has whole patches"),
+                  (self.width % self.heads == 0, "width", f"a multiple of heads = {self.heads}"),
+                  (self.width % 4 == 0, "width", "a multiple of 4 (2D sin/cos positions)"),
+                  (self.variant in ("hierarchical", "cascaded"), "variant", "'hierarchical' or 'cascaded'"),
+                  (self.lpips_weight >= 0, "lpips_weight", ">= 0")]
         for ok, name, expected in checks:
             if not ok:
                 raise ValueError(f"AEConfig.{name} = {getattr(self, name)!r}: expected {expected}")
@@ -224,19 +221,17 @@ def modulate(x, shift, scale):
 
 
 def per_token(rows, index=None):
-    """Modulation rows to broadcast against (B, T, D) tokens: one row per sample (B, D) → (B, 1, D), or,
-    given index (B, T) into U distinct rows (U, D), each token's row → (B, T, D). (index_select: its
-    backward is ~10x faster on CPU than that of rows[index].)"""
+    """Modulation rows for (B, T, D) tokens: one per sample (B, D) → (B, 1, D), or each token's of U distinct
+    rows (U, D) given index (B, T) → (B, T, D) (index_select: its backward is ~10x faster on CPU than [])."""
     if index is None:
         return rows[:, None]
     return rows.index_select(0, index.flatten()).unflatten(0, index.shape)
 
 
 class AdaLNBlock(Block):
-    """DiT block with adaLN-Zero: shift, scale and gate of both sub-layers come from a condition vector,
-    one per sample (the decoder: the kept level's embedding), or one per token (the video DiT: each token
-    has its own t, level and action) given as the batch's U distinct conditions c (U, D) and an index
-    (B, T) into them, so the modulation Linear runs U times instead of B·T times."""
+    """DiT block with adaLN-Zero: both sub-layers' shift, scale and gate come from a condition vector, one
+    per sample (the decoder's kept level) or one per token (the video DiT's t, level, action: the batch's U
+    distinct conditions c (U, D) and an index (B, T), so the modulation Linear runs U, not B·T, times)."""
 
     def __init__(self, width, heads, mlp_ratio):
         super().__init__(width, heads, mlp_ratio)
@@ -335,14 +330,6 @@ def lpips_net(net):
         return lpips.LPIPS(net=net, verbose=False).eval().requires_grad_(False), None
 
 
-def lpips_vgg():
-    """LPIPS(VGG) for the autoencoder's loss, or FileNotFoundError saying how to supply its weights."""
-    net, why = lpips_net("vgg")
-    if net is None:
-        raise FileNotFoundError(f"{why}; or train without the perceptual term: --lpips_weight=0")
-    return net
-
-
 # ----------------------------------------------------------------------------- the autoencoder
 
 class HierarchicalAutoencoder(nn.Module):
@@ -430,7 +417,9 @@ class HierarchicalAutoencoder(nn.Module):
     def load_lpips(self, net=None):
         """Attach the frozen LPIPS network the loss uses; None builds LPIPS(VGG) from local weights and
         raises FileNotFoundError saying how to supply them. Call it before training starts."""
-        net = lpips_vgg() if net is None else net
+        net, why = (net, None) if net is not None else lpips_net("vgg")
+        if net is None:
+            raise FileNotFoundError(f"{why}; or train without the perceptual term: --lpips_weight=0")
         object.__setattr__(self, "lpips", net.eval().requires_grad_(False))
         return net
 
@@ -462,9 +451,8 @@ class HierarchicalAutoencoder(nn.Module):
 
 # ----------------------------------------------------------------------------- checkpoints and provenance
 
-# train.py's checkpoints: {"model": state_dict, "step", "optimizers", "config": {"stage", "format", "model"
-# (the model's config), "rollout" (video), "run", "git_commit", ...}}. Format 2 introduced the shared adaLN-Zero
-# block and RolloutConfig; files of another format are refused with a message, never misread.
+# train.py's checkpoints: {"model", "step", "optimizers", "config": {"stage", "format", "model", "rollout", "run",
+# ...}}. Format 2: the shared adaLN-Zero block and RolloutConfig; other formats are refused, never misread.
 CHECKPOINT_FORMAT = 2
 
 
@@ -512,8 +500,7 @@ def to_uint8(images):
 
 
 def spread_frames(root, keys, count):
-    """Up to `count` frames of a frame store, spread over the videos `keys` and 16 moments of each:
-    (N, 3, H, W) in [0, 1]."""
+    """Up to `count` frames of a store, spread over the videos `keys` and 16 moments each: (N, 3, H, W)."""
     index = data.load_index(root)
     picks = [(key, f) for key in keys for f in range(0, index[key], max(1, index[key] // 16))]
     picks = picks[:: max(1, len(picks) // count)][:count]

@@ -6,11 +6,9 @@
     python train.py --stage all    --preset toy      # data -> ae -> encode -> 3 video models -> eval
     torchrun --nproc_per_node=8 train.py --stage ae --preset paper      # the real thing
 
-Settings come from the stages' dataclasses, each defaulting to the paper: `AEConfig` (tokenizer.py),
-`DiTConfig` (diffusion.py) and `RolloutConfig` (rollout.py) for the models, `RunConfig` here for the
-run. Any field can be overridden with a strict `--key=value` (an unknown key or an unparsable value is
-an error; data.make_config). The resolved configuration is printed, written next to the outputs with
-the git commit, and stored in every checkpoint, so later stages rebuild models from a checkpoint alone.
+Settings: `AEConfig` (tokenizer.py), `DiTConfig` (diffusion.py), `RolloutConfig` (rollout.py) and `RunConfig`
+(here), paper defaults, any field overridden by a strict `--key=value` (data.make_config). The resolved
+configuration is printed, written beside the outputs with the git commit, and stored in every checkpoint.
 
 Training recipe (App. A.2, both stages): Muon for every 2-D `nn.Linear` weight and AdamW for the rest,
 lr 1e-3, weight decay 0.01, linear warmup from 0 over 2k steps then constant, gradient clipping at 1.0,
@@ -48,7 +46,7 @@ class RunConfig:
     ckpt_every: int = 1000
     keep: int = 2          # newest checkpoints kept on disk
     workers: int = 4       # DataLoader worker processes (0 = load in the main process)
-    holdout: float = 0.01  # fraction of training videos held out for periodic images / val loss
+    holdout: float = 0.01  # fraction of training videos held out for the periodic reconstruction images
 
 
 # logging / checkpoint cadence per preset; `tiny` loads data in-process (CPU tests)
@@ -62,7 +60,6 @@ def run_config(preset="paper", **overrides):
 
 # ----------------------------------------------------------------------------- command line
 
-
 def parse_command(argv):
     """`--stage ae --preset toy --lr=3e-4 ...` -> (stage, preset, {key: text})."""
     args = data.parse_overrides(argv)
@@ -73,9 +70,8 @@ def parse_command(argv):
 
 
 def build(preset, overrides, makers):
-    """{config dataclass: its maker} -> [config]: every --key goes to the one dataclass with that field,
-    then each config is made for the preset (data.make_config). An unknown or ambiguous key or a bad value
-    (its type, or a config's own checks) ends the program with a message naming it, before any work."""
+    """{config dataclass: its maker} -> [config]: each --key goes to the one dataclass with that field, then
+    each config is made for the preset; a bad key or value ends the program naming it, before any work."""
     parts = {cls: {} for cls in makers}
     for key, value in overrides.items():
         owners = [cls for cls in makers if key in cls.__dataclass_fields__]
@@ -90,7 +86,6 @@ def build(preset, overrides, makers):
 
 
 # ----------------------------------------------------------------------------- setup
-
 
 def setup():
     """DDP when launched by torchrun, else one process on the best device. Returns (rank, world, device)."""
@@ -118,8 +113,7 @@ def make_optimizers(model, lr, weight_decay):
     muon_params = [m.weight for m in model.modules() if isinstance(m, nn.Linear)]
     muon_ids = {id(p) for p in muon_params}
     adamw_params = [p for p in model.parameters() if id(p) not in muon_ids]
-    muon = torch.optim.Muon(muon_params, lr=lr, weight_decay=weight_decay,
-                            adjust_lr_fn="match_rms_adamw")
+    muon = torch.optim.Muon(muon_params, lr=lr, weight_decay=weight_decay, adjust_lr_fn="match_rms_adamw")
     adamw = torch.optim.AdamW(adamw_params, lr=lr, weight_decay=weight_decay)
     return [muon, adamw]
 
@@ -139,7 +133,6 @@ def save_checkpoint(out, step, state, keep):
 
 
 # ----------------------------------------------------------------------------- training data
-
 
 def split_keys(keys, holdout=0.01, seed=0):
     """Deterministic split: sorted keys, seeded shuffle, a fixed fraction (at least one) held out."""
@@ -222,7 +215,6 @@ class StepBatches(torch.utils.data.Sampler):
 
 # ----------------------------------------------------------------------------- the training loop
 
-
 def train(stage, cfg, run, preset, roll=None):
     """One training run (stage "ae" with cfg an AEConfig, or "video" with cfg a DiTConfig and roll the
     RolloutConfig it is trained for): config -> setup -> data -> model -> optimizer -> loop.
@@ -261,7 +253,7 @@ def train(stage, cfg, run, preset, roll=None):
         dataset = ChunkDataset(run.data, train_keys, chunk, levels=levels)
         model = diffusion.VideoDiT(cfg)
         probs = torch.tensor(rollout.step_probabilities(steps), dtype=torch.float64)
-        gathers = [step_gather(s, grids, chunk, roll.dense) for s in steps]
+        gathers = [rollout.step_tokens(s, grids, chunk, roll.dense) for s in steps]  # the tokens of each step
         if len({len(g["index"]) for g in gathers}) > 1:
             raise SystemExit(f"--strategy={roll.strategy}: its steps differ in token count, so they cannot "
                              "be stacked into one batch; choose budgets that make them equal (rollout.py)")
@@ -294,7 +286,6 @@ def train(stage, cfg, run, preset, roll=None):
         dataset, batch_sampler=sampler, num_workers=run.workers, pin_memory=device.type == "cuda",
         persistent_workers=False, generator=torch.Generator())  # own generator: leave global RNG alone
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-    items_per_step = cfg.batch_size * world
     t0, seen = time.time(), 0
     model.train()
     for batch in loader:
@@ -317,7 +308,7 @@ def train(stage, cfg, run, preset, roll=None):
         for opt in optimizers:
             opt.step()
         step += 1
-        seen += items_per_step
+        seen += cfg.batch_size * world
 
         if master and (step % run.log_every == 0 or step == cfg.steps):
             dt = time.time() - t0
@@ -340,29 +331,19 @@ def train(stage, cfg, run, preset, roll=None):
 
 # ----------------------------------------------------------------------------- video-stage batches
 
-
-def step_gather(step, grids, chunk, dense):
-    """A step's token layout plus, per token, its index into the chunk's latents flattened level-major
-    (only level 0 for the dense FramePack model): rollout.token_index with the chunk at frame 0."""
-    layout = rollout.step_layout(step.selection, grids, dense=dense)
-    index, _ = rollout.token_index(layout, grids, chunk, dense)
-    return {k: torch.from_numpy(v) for k, v in {**layout, "index": index}.items()}
-
-
 def video_inputs(batch, gathers, probs, device):
     """A batch of (video, chunk start) items -> one randomly drawn rollout step per item, gathered
     into the model's token sequence. Steps of one strategy have equal token counts, so they stack."""
     steps = torch.multinomial(probs, len(batch["actions"]), replacement=True)  # group-balanced (§3.2)
     flat = torch.cat([z.flatten(1, 2) for z in batch["latents"]], dim=1)  # (B, levels·N·T_l, C)
     fields = {k: torch.stack([gathers[s][k] for s in steps.tolist()]) for k in gathers[0]}  # (B, T)
-    x = flat.gather(1, fields.pop("index")[..., None].expand(-1, -1, flat.shape[-1]))   # (B, T, C)
+    x = flat.gather(1, fields["index"][..., None].expand(-1, -1, flat.shape[-1]))   # (B, T, C)
     action = batch["actions"].gather(1, fields["frame"])  # action t leads into frame t (data.simulate)
-    out = dict(x=x, action=action, denoised=fields.pop("role") == rollout.DENOISED, **fields)
+    out = dict(x=x, action=action, **{k: fields[k] for k in ("denoised", "frame", "level", "row", "col")})
     return {k: v.to(device, non_blocking=True) for k, v in out.items()}
 
 
 # ----------------------------------------------------------------------------- autoencoder extras
-
 
 @torch.no_grad()
 def save_reconstructions(model, frames_dir, keys, path, device, count=4):
@@ -407,7 +388,6 @@ def encode_store(ae_ckpt, frames_dir, out_dir, batch_size=256):
 
 
 # ----------------------------------------------------------------------------- stages
-
 
 def prefixed(overrides, prefix):
     """For --stage all: `--ae.steps=100` goes to the ae stage, `--video.lr=1e-4` to every video model."""
@@ -459,8 +439,7 @@ def run_all(preset, overrides, root):
     for strategy in ("millivid", "framepack", "fullres"):
         run_stage("video", preset, {"strategy": strategy, **prefixed(overrides, "video")}, root)
     if rank == 0:
-        cfg, = build(preset, {"root": root, **prefixed(overrides, "eval")},
-                     {evaluate.EvalConfig: evaluate.eval_config})
+        cfg, = build(preset, {"root": root, **prefixed(overrides, "eval")}, {evaluate.EvalConfig: evaluate.eval_config})
         print(f"report: {evaluate.evaluate(cfg)}")
 
 

@@ -3,7 +3,7 @@ unless a test is about another preset's numbers."""
 import pytest
 import torch
 
-from tokenizer import (AEConfig, HierarchicalAutoencoder, ae_config, box_pyramid, level_psnr, lpips_vgg, main,
+from tokenizer import (AEConfig, HierarchicalAutoencoder, ae_config, box_pyramid, level_psnr, main,
                        mean_pool_tokens, num_params, patchify, pyramid_layout, pyramid_mse, unpatchify)
 
 
@@ -241,7 +241,7 @@ def test_loss_stats_and_training_reduces_loss():
 def test_lpips_missing_weights_error(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))        # an empty hub cache
     with pytest.raises(FileNotFoundError) as err:
-        lpips_vgg()
+        HierarchicalAutoencoder(ae_config("tiny")).load_lpips()
     message = str(err.value)
     assert "vgg16-397923af.pth" in message and str(tmp_path / "hub" / "checkpoints") in message
     assert "--lpips_weight=0" in message

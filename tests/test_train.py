@@ -82,7 +82,7 @@ def test_data_stream_resumes_exactly_and_ranks_partition_each_batch():
         train.StepBatches(3, 4, 0, 1, seed=0, start_step=0, num_steps=1)
 
 
-def test_step_gather_reads_the_right_latents():
+def test_step_tokens_read_the_right_latents():
     """Each gathered token must equal latents[level][frame, row, col] of the chunk (hierarchical), or
     the level-0 latent at (frame, row, col) for the dense FramePack layout."""
     grids, chunk = [[4, 4], [2, 2], [1, 1]], 37
@@ -90,14 +90,14 @@ def test_step_gather_reads_the_right_latents():
     # latents whose value encodes (level, frame, row, col), one channel each
     lat = [torch.tensor([[[[l, f, r, c] for r in range(h) for c in range(w)] for f in range(chunk)]],
                         dtype=torch.float32).reshape(1, chunk, h * w, 4) for l, (h, w) in enumerate(grids)]
-    gather = train.step_gather(step, grids, chunk, dense=False)
+    gather = rollout.step_tokens(step, grids, chunk, dense=False)
     flat = torch.cat([z.flatten(1, 2) for z in lat], 1)
     x = flat[0, gather["index"]]
     expected = torch.stack([gather["level"], gather["frame"], gather["row"], gather["col"]], -1).float()
     assert torch.equal(x, expected)
 
     fp = rollout.framepack_steps(1, [1, 4, 16])[0]
-    gather = train.step_gather(fp, grids, fp.selection.shape[1], dense=True)
+    gather = rollout.step_tokens(fp, grids, fp.selection.shape[1], dense=True)
     x = lat[0].flatten(1, 2)[0, gather["index"]]
     assert torch.equal(x[:, 0], torch.zeros(len(x)))  # every token comes from level 0
     assert torch.equal(x[:, 1:], torch.stack([gather["frame"], gather["row"], gather["col"]], -1).float())
@@ -106,7 +106,7 @@ def test_step_gather_reads_the_right_latents():
 def test_video_inputs_draw_steps_and_actions():
     grids, chunk = [[4, 4], [2, 2], [1, 1]], 37
     steps = rollout.millivid_steps([1, 4, 16], 16, 16)
-    gathers = [train.step_gather(s, grids, chunk, dense=False) for s in steps]
+    gathers = [rollout.step_tokens(s, grids, chunk, dense=False) for s in steps]
     probs = torch.tensor(rollout.step_probabilities(steps), dtype=torch.float64)
     batch = {"latents": [torch.randn(3, chunk, h * w, 8) for h, w in grids],
              "actions": torch.arange(chunk).repeat(3, 1)}
