@@ -1,4 +1,4 @@
-"""Data: the Loopcraft format, the synthetic maze world, the random-access stores (paper §4 "Datasets",
+"""Data: the Loopcraft format, the synthetic maze world, the random-access frame store (paper §4 "Datasets",
 App. A.1), and the one strict --key=value settings mechanism every stage's config is made with.
 
 Loopcraft (§4): 1024-frame Minecraft videos of an agent running forward with random 90° turns, biased
@@ -6,8 +6,8 @@ to pairs and quartets of turns so it keeps coming back; its test set (App. A.1) 
 whose late path revisits the context. Here: the frame store every stage reads (per video, PNG frames
 behind a uint64 offset table, any range readable alone, plus the (frames, 6) poses [action, x, y, z,
 yaw, pitch]); `prepare` (released Loopcraft layout -> that store); the maze (Loopcraft's actions, walk
-and test selection in a ray-cast grid world whose ground truth renders for any path); the latent store
-of the encode stage; the top-down map and the video writer used by `show` and evaluate.py.
+and test selection in a ray-cast grid world whose ground truth renders for any path); the top-down
+map and the video writer used by `show` and evaluate.py. (The latent store is tokenizer.py's.)
 
     python data.py maze --out data/maze --preset toy [--split test] [--videos=N --frames=F --key=value ...]
     python data.py prepare LOOPCRAFT_SPLIT data/loopcraft
@@ -302,6 +302,8 @@ def atomic_write(path: str, write) -> None:
     try:
         write(tmp)
         os.replace(tmp, path)
+    except OSError as e:                            # a full disk or a read-only folder: one line, nothing left
+        raise OSError(f"cannot write {path}: {e.strerror or e} (is the disk full or the folder read-only?)") from None
     finally:
         Path(tmp).unlink(missing_ok=True)
 
@@ -355,37 +357,25 @@ def read_frames(root: str, key: str, start: int = 0, stop: int | None = None) ->
         fh.seek(off[0])
         blob = fh.read(off[-1] - off[0])
     off -= off[0]
-    return np.stack([np.asarray(Image.open(io.BytesIO(blob[a:b])).convert("RGB"))
-                     for a, b in zip(off[:-1], off[1:])])
+    try:
+        return np.stack([np.asarray(Image.open(io.BytesIO(blob[a:b])).convert("RGB"))
+                         for a, b in zip(off[:-1], off[1:])])
+    except (OSError, ValueError) as e:              # a corrupt or truncated store
+        raise ValueError(f"{root}/{key}.frames: frames [{start}, {stop}) are not readable PNGs ({e})") from None
 
 
 def read_actions(root: str, key: str) -> np.ndarray:
-    return np.load(os.path.join(root, f"{key}.npy")).astype(np.float32)
+    """Poses (frames, 6) [action, x, y, z, yaw, pitch], checked: finite, with action ids 0, 1, 2."""
+    poses = np.load(os.path.join(root, f"{key}.npy")).astype(np.float32)
+    ok = poses.ndim == 2 and poses.shape[1] == 6 and np.isfinite(poses).all()
+    if not (ok and np.isin(poses[:, 0], (FORWARD, LEFT, RIGHT)).all()):
+        raise ValueError(f"{root}/{key}.npy: expected finite (frames, 6) poses with action ids 0-2, got {poses.shape}")
+    return poses
 
 
 def load_world(root: str, key: str) -> np.ndarray | None:
     path = os.path.join(root, f"{key}.world.npy")
     return np.load(path) if os.path.exists(path) else None
-
-
-# --------------------------------- latent store (train.py --stage encode): KEY/l{level}.npy (frames, T_l, C)
-
-def write_latents(root: str, key: str, levels: list[np.ndarray], actions: np.ndarray) -> None:
-    done = os.path.join(root, key, "actions.npy")
-    Path(done).unlink(missing_ok=True)              # rewriting: unmark first
-    for level, z in enumerate(levels):
-        _save_npy(os.path.join(root, key, f"l{level}.npy"), np.asarray(z, np.float16))
-    _save_npy(done, np.asarray(actions, np.float32))  # written last: marks the key complete
-
-
-def has_latents(root: str, key: str, levels: int) -> bool:
-    """Whether write_latents finished for `key` (actions.npy is written last), so encoding can resume."""
-    names = [f"l{l}.npy" for l in range(levels)] + ["actions.npy"]
-    return all(os.path.exists(os.path.join(root, key, n)) for n in names)
-
-
-def read_latents(root: str, key: str, level: int, start: int, stop: int) -> np.ndarray:
-    return np.array(np.load(os.path.join(root, key, f"l{level}.npy"), mmap_mode="r")[start:stop])
 
 
 # ---------------------------------- maze generation: plan (world, actions, real path), then render and write

@@ -493,6 +493,13 @@ def evaluate(cfg):
     frames_dir, latents_dir = f"{cfg.root}/data/test", f"{cfg.root}/latents/test"
     ae = tokenizer.HierarchicalAutoencoder.from_checkpoint(f"{cfg.root}/ae", device)
     grids, T0 = [list(g) for g in ae.grids], ae.grids[0][0] * ae.grids[0][1]
+    # provenance: the test latents must be complete and made by the autoencoder that decodes them here
+    made_by = tokenizer.sha256(ae.source)
+    if not os.path.exists(f"{latents_dir}/index.json"):
+        raise SystemExit(f"{latents_dir}: the test latents are missing or incomplete; python train.py --stage encode")
+    if json.load(open(f"{latents_dir}/meta.json")).get("ae_sha256") != made_by:
+        raise SystemExit(f"{latents_dir}: encoded by another autoencoder than {ae.source}, which decodes here; "
+                         "re-encode them: python train.py --stage encode")
 
     def decode(z, level):  # one level on its own, every other level zeroed (§3.1); level-0 image out
         with autocast:
@@ -501,7 +508,7 @@ def evaluate(cfg):
     def load(key):  # a test video from the data.py stores: frames, every level's latents, actions, map data
         poses = data.read_actions(frames_dir, key)[:cfg.total]  # (F, 6): action id, x, y, z, yaw, pitch
         return Video(data.read_frames(frames_dir, key, 0, cfg.total),
-                     [data.read_latents(latents_dir, key, l, 0, cfg.total) for l in range(len(grids))],
+                     [tokenizer.read_latents(latents_dir, key, l, 0, cfg.total) for l in range(len(grids))],
                      poses[:, 0].astype(np.int64), poses, data.load_world(frames_dir, key))
 
     def rollout_of(net, steps, clipped):  # Model.generate: rollout.py's loop, the same noise for every model
@@ -516,6 +523,9 @@ def evaluate(cfg):
     models = []
     for name in cfg.models:
         net = diffusion.VideoDiT.from_checkpoint(f"{cfg.root}/video-{name}", device)
+        if net.trained_on != made_by:  # its latents came from another autoencoder: this decoder cannot read them
+            raise SystemExit(f"{net.source}: trained on latents of another autoencoder than {ae.source}; retrain it: "
+                             f"python train.py --stage video --strategy={name}")
         steps, clipped = rollout.strategy_steps(rollout.RolloutConfig.from_checkpoint(f"{cfg.root}/video-{name}"), T0)
         cost = rollout.figures(steps, T0, cfg.context, cfg.total, clipped, net.cfg.dense, cfg.sampling_steps)
         models.append(Model(name, rollout_of(net, steps, clipped), cost["rollout_steps"],
@@ -526,7 +536,7 @@ def evaluate(cfg):
     keys = sorted(data.load_index(frames_dir))[:cfg.num_videos]
     results = evaluate_videos(cfg, keys, load, decode, models, palette, lpips_net, data.draw_map,
                               {"lpips": why} if why else None, device,
-                              lambda key: data.read_latents(latents_dir, key, 0, cfg.context, cfg.total))
+                              lambda key: tokenizer.read_latents(latents_dir, key, 0, cfg.context, cfg.total))
     results.config["git_commit"] = tokenizer.git_commit()
     return report(cfg.out or f"{cfg.root}/eval", results)
 

@@ -22,10 +22,13 @@ The transformer pieces (`Attention`, `Block`, the adaLN-Zero `AdaLNBlock`, ...) 
 """
 import argparse
 import glob
+import hashlib
 import os
+import pickle
 import subprocess
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -356,6 +359,7 @@ class HierarchicalAutoencoder(nn.Module):
         ckpt = read_checkpoint(path, "ae")
         model = cls(AEConfig(**ckpt["config"]["model"]))
         model.load_state_dict(ckpt["model"])
+        model.source = ckpt["path"]  # provenance: the file it came from (a latent store records its hash)
         return model.to(device).eval()
 
     def initialize_weights(self):
@@ -461,17 +465,59 @@ def newest_checkpoint(folder):
 
 
 def read_checkpoint(path, stage):
-    """The checkpoint dict of a file, or of a run folder's newest, checked to be a `stage` ("ae" or "video")
-    checkpoint of this code's format; errors name the file. Tensors are memory-mapped until used."""
-    file = newest_checkpoint(path) if os.path.isdir(path) else path
-    if not file or not os.path.isfile(file):
+    """The checkpoint dict of a file, or of a run folder's newest loadable one (an unreadable newer one, say
+    truncated by a full disk, is named and skipped), checked to be a `stage` ("ae" or "video") checkpoint
+    of this code's format; errors name the file. Tensors are memory-mapped until used; ckpt["path"]."""
+    files = sorted(glob.glob(os.path.join(path, "ckpt-*.pt")), reverse=True) if os.path.isdir(path) else [path]
+    if not files or not os.path.isfile(files[0]):
         raise FileNotFoundError(f"{path}: no checkpoint there; train it first (python train.py --stage {stage})")
-    ckpt = torch.load(file, map_location="cpu", weights_only=False, mmap=True)
-    found = [ckpt.get("config", {}).get(k) for k in ("stage", "format")] if isinstance(ckpt, dict) else [None] * 2
-    if found != [stage, CHECKPOINT_FORMAT]:
-        raise ValueError(f"{file}: a checkpoint of stage {found[0]!r}, format {found[1] or 1}; expected stage "
-                         f"{stage!r}, format {CHECKPOINT_FORMAT} (another version of this code wrote it: retrain)")
-    return ckpt
+    for file in files:
+        try:
+            ckpt = torch.load(file, map_location="cpu", weights_only=False, mmap=True)
+        except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as e:
+            if file == files[-1]:
+                raise ValueError(f"{file}: cannot load this checkpoint ({e})") from None
+            print(f"skipping {file}: cannot load it ({e}); trying the one before")
+            continue
+        found = [ckpt.get("config", {}).get(k) for k in ("stage", "format")] if isinstance(ckpt, dict) else [None] * 2
+        if found != [stage, CHECKPOINT_FORMAT]:
+            raise ValueError(f"{file}: a checkpoint of stage {found[0]!r}, format {found[1] or 1}; expected stage "
+                             f"{stage!r}, format {CHECKPOINT_FORMAT} (another version of this code wrote it: retrain)")
+        return ckpt | {"path": file}
+
+
+def sha256(path):
+    """Content hash of a file: which autoencoder checkpoint made a latent store (provenance)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# the latent store (train.py --stage encode): KEY/l{level}.npy (frames, T_l, C) float16 and KEY/actions.npy per
+# video, meta.json (grids, channels and `ae_sha256`: the autoencoder that made it) first, index.json last
+
+def write_latents(root, key, levels, actions):
+    done = os.path.join(root, key, "actions.npy")
+    Path(done).unlink(missing_ok=True)              # rewriting: unmark first
+    for level, z in enumerate(levels):
+        data.atomic_write(os.path.join(root, key, f"l{level}.npy"), lambda tmp: np.save(tmp, np.asarray(z, np.float16)))
+    data.atomic_write(done, lambda tmp: np.save(tmp, np.asarray(actions, np.float32)))  # last: marks the key complete
+
+
+def has_latents(root, key, levels):
+    """Whether write_latents finished for `key` (actions.npy is written last), so encoding can resume."""
+    names = [f"l{l}.npy" for l in range(levels)] + ["actions.npy"]
+    return all(os.path.exists(os.path.join(root, key, n)) for n in names)
+
+
+def read_latents(root, key, level, start, stop):
+    path = os.path.join(root, key, f"l{level}.npy")
+    z = np.array(np.load(path, mmap_mode="r")[start:stop])
+    if len(z) != stop - start:                      # the store's index.json promised more frames
+        raise ValueError(f"{path}: frames [{start}, {stop}) requested, the file holds {start + len(z)} or fewer")
+    return z
 
 
 def git_commit():

@@ -15,13 +15,18 @@ lr 1e-3, weight decay 0.01, linear warmup from 0 over 2k steps then constant, gr
 bf16 autocast on CUDA (fp32 master weights), no EMA. DDP when launched by torchrun (NCCL on CUDA,
 gloo on CPU), otherwise one process on cuda / mps / cpu.
 """
+import contextlib
 import dataclasses
+import fcntl
 import glob
 import json
 import os
+import signal
+import socket
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -132,6 +137,59 @@ def save_checkpoint(out, step, state, keep):
     return path
 
 
+# ----------------------------------------------------------------------------- faults: one writer, signals
+
+@contextlib.contextmanager
+def run_lock(folder, hold=True):
+    """One writer per run folder: an exclusive lock on folder/.lock while the block runs, which the OS also
+    releases on any exit (kill -9 included). A second writer is refused, naming the holder. Temporaries
+    left by a killed writer (data.atomic_write's *.tmp<pid>*) are removed: they never look valid, but
+    they take space. hold=False (ranks > 0 of a DDP run): rank 0 holds it for all."""
+    if not hold:
+        yield
+        return
+    os.makedirs(folder, exist_ok=True)
+    handle = open(os.path.join(folder, ".lock"), "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        raise SystemExit(f"{folder} is in use by another run ({handle.read().strip() or 'unknown'}); wait for it, "
+                         "or give this run another --out") from None
+    handle.truncate(0)
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.ctime()}")
+    handle.flush()
+    for tmp in glob.glob(os.path.join(folder, "**", "*.tmp[0-9]*"), recursive=True):
+        os.remove(tmp)
+    with handle:  # closing it releases the lock
+        yield
+
+
+class Signals:
+    """SIGTERM (a cluster scheduler's warning) and SIGINT (Ctrl-C) set `caught`: the loop finishes its step,
+    writes a checkpoint and exits non-zero. A second signal exits at once. Restores the handlers on exit."""
+
+    def __enter__(self):
+        self.caught, self.previous = None, {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+        for s in self.previous:
+            signal.signal(s, self.catch)
+        return self
+
+    def catch(self, signum, frame):
+        if self.caught is not None:
+            raise SystemExit(f"{signal.Signals(signum).name} again: stopping now, without a checkpoint")
+        self.caught = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+def ignore_signals(worker_id):  # DataLoader workers: the main process decides when to stop
+    for s in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(s, signal.SIG_IGN)
+
+
 # ----------------------------------------------------------------------------- training data
 
 def split_keys(keys, holdout=0.01, seed=0):
@@ -164,6 +222,10 @@ class FrameDataset(torch.utils.data.Dataset):
         frame = data.read_frames(self.root, self.keys[v], f, f + 1)[0]
         return torch.from_numpy(frame).permute(2, 0, 1).float() / 255  # (3, H, W)
 
+    def item_name(self, i):
+        v, f = _locate(self.ends, i)
+        return f"{self.keys[v]} frame {f}"
+
 
 class ChunkDataset(torch.utils.data.Dataset):
     """Every (video, start) with start in [0, frames - chunk_frames] of a latent store. Deterministic."""
@@ -180,10 +242,14 @@ class ChunkDataset(torch.utils.data.Dataset):
     def __getitem__(self, i):
         v, start = _locate(self.ends, i)
         key = self.keys[v]
-        latents = [torch.from_numpy(data.read_latents(self.root, key, l, start, start + self.N).astype(np.float32))
+        latents = [torch.from_numpy(tokenizer.read_latents(self.root, key, l, start, start + self.N).astype(np.float32))
                    for l in self.levels]                                          # (N, T_l, C) each
         act = np.load(os.path.join(self.root, key, "actions.npy"), mmap_mode="r")[start:start + self.N, 0]
         return dict(latents=latents, actions=torch.from_numpy(act.astype(np.int64)), key=key, start=start)
+
+    def item_name(self, i):
+        v, start = _locate(self.ends, i)
+        return f"{self.keys[v]} frames {start}-{start + self.N - 1}"
 
 
 class StepBatches(torch.utils.data.Sampler):
@@ -202,32 +268,45 @@ class StepBatches(torch.utils.data.Sampler):
     def __len__(self):
         return self.stop - self.start
 
+    def batch(self, step):
+        """This rank's dataset indices at `step` (one seeded permutation per epoch, cached)."""
+        epoch = step // self.per_epoch
+        if getattr(self, "_epoch", None) != epoch:
+            self._epoch, self._perm = epoch, torch.randperm(self.n, generator=torch.Generator().manual_seed(
+                self.seed * 7919 + epoch))
+        first = (step % self.per_epoch) * self.b * self.world + self.rank * self.b
+        return self._perm[first:first + self.b].tolist()
+
     def __iter__(self):
-        perm, epoch = None, -1
-        for step in range(self.start, self.stop):
-            if step // self.per_epoch != epoch:
-                epoch = step // self.per_epoch
-                g = torch.Generator().manual_seed(self.seed * 7919 + epoch)
-                perm = torch.randperm(self.n, generator=g)
-            first = (step % self.per_epoch) * self.b * self.world + self.rank * self.b
-            yield perm[first:first + self.b].tolist()
+        return (self.batch(step) for step in range(self.start, self.stop))
 
 
 # ----------------------------------------------------------------------------- the training loop
 
 def train(stage, cfg, run, preset, roll=None):
     """One training run (stage "ae" with cfg an AEConfig, or "video" with cfg a DiTConfig and roll the
-    RolloutConfig it is trained for): config -> setup -> data -> model -> optimizer -> loop.
+    RolloutConfig it is trained for), as the only writer of run.out and stopping cleanly on SIGTERM/SIGINT.
     Returns the trained model (the newest checkpoint in run.out holds the same weights)."""
     rank, world, device = setup()
+    with run_lock(run.out, hold=rank == 0), Signals() as signals:
+        return train_loop(stage, cfg, run, preset, roll, rank, world, device, signals)
+
+
+def train_loop(stage, cfg, run, preset, roll, rank, world, device, signals):
+    """config -> data -> model -> optimizer -> loop with "every N steps" blocks -> checkpoint."""
     master = rank == 0
-    os.makedirs(run.out, exist_ok=True)
     if stage == "video" and (roll is None or roll.dense != cfg.dense):
         raise ValueError(f"video stage: DiTConfig.dense={cfg.dense} must match the rollout strategy "
                          f"({'none given' if roll is None else roll.strategy})")
+    if not os.path.exists(os.path.join(run.data, "index.json")):  # written last: the store is complete
+        raise SystemExit(f"{run.data}: no complete {'frame' if stage == 'ae' else 'latent'} store (no index.json); "
+                         f"make it first: python train.py --stage {'all' if stage == 'ae' else 'encode'} ...")
+    meta = json.load(open(os.path.join(run.data, "meta.json")))  # the store's provenance (encode: grids, AE)
     resolved = {"stage": stage, "format": tokenizer.CHECKPOINT_FORMAT, "preset": preset,
                 "model": dataclasses.asdict(cfg), "run": dataclasses.asdict(run), "git_commit": tokenizer.git_commit(),
-                "world_size": world} | ({"rollout": dataclasses.asdict(roll)} if stage == "video" else {})
+                "world_size": world}
+    if stage == "video":  # the strategy it learns, and which autoencoder made the latents it learns from
+        resolved |= {"rollout": dataclasses.asdict(roll), "latents_ae_sha256": meta.get("ae_sha256")}
     if master:
         print(json.dumps(resolved, indent=2))
         data.write_json(os.path.join(run.out, "config.json"), resolved)
@@ -242,8 +321,6 @@ def train(stage, cfg, run, preset, roll=None):
         if cfg.lpips_weight > 0:
             model.load_lpips()  # fails here, before any work, if the VGG weights are not on disk
     else:
-        with open(os.path.join(run.data, "meta.json")) as f:
-            meta = json.load(f)  # written by the encode stage: grids, channels, the AE config
         grids = meta["grids"]
         steps, _ = rollout.strategy_steps(roll, grids[0][0] * grids[0][1])
         chunk = steps[0].selection.shape[1]
@@ -267,26 +344,43 @@ def train(stage, cfg, run, preset, roll=None):
                   broadcast_buffers=False) if world > 1 else model  # our buffers are constant tables
     optimizers = make_optimizers(model, cfg.lr, cfg.weight_decay)
 
-    # resume from the newest checkpoint of this run, if any
+    # resume from the newest loadable checkpoint of this run, if any (tokenizer.read_checkpoint)
     step = 0
-    ckpt_path = tokenizer.newest_checkpoint(run.out)
-    if ckpt_path:
-        ckpt = tokenizer.read_checkpoint(ckpt_path, stage)
+    if tokenizer.newest_checkpoint(run.out):
+        ckpt = tokenizer.read_checkpoint(run.out, stage)
+        made = ckpt["config"]  # resuming with other settings (more steps aside) would silently mix two runs
+        changed = sorted(k for k, v in resolved["model"].items() if k != "steps" and made["model"].get(k) != v)
+        if changed or made.get("latents_ae_sha256") != resolved.get("latents_ae_sha256"):
+            why = ", ".join(changed) or "latents of another autoencoder"
+            raise SystemExit(f"{ckpt['path']}: made with other settings ({why}); move {run.out} away to start "
+                             "over, or give this run another --out")
         model.load_state_dict(ckpt["model"])
         for opt, state in zip(optimizers, ckpt["optimizers"]):
             opt.load_state_dict(state)
         step = ckpt["step"]
         if master:
-            print(f"resumed from {ckpt_path} at step {step}")
+            print(f"resumed from {ckpt['path']} at step {step}")
     if step >= cfg.steps:
         return model
+
+    def check_finite():  # on every rank, at the same steps; a non-finite step is never checkpointed
+        bad = torch.stack([first_bad, (first_bad >= 0).to(first_bad.dtype)])
+        if world > 1:
+            dist.all_reduce(bad[1:], op=dist.ReduceOp.MAX)
+        if bad[1] > 0:
+            where = f"step {int(bad[0]) + 1}, batch {', '.join(map(dataset.item_name, sampler.batch(int(bad[0]))))}" \
+                if bad[0] >= 0 else "another rank's batch"
+            raise SystemExit(f"non-finite loss or gradient norm at {where}: training stopped; the checkpoints "
+                             f"in {run.out} are all from finite steps (inspect that data, then rerun to resume)")
 
     sampler = StepBatches(len(dataset), cfg.batch_size, rank, world, run.seed, step, cfg.steps)
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, num_workers=run.workers, pin_memory=device.type == "cuda",
-        persistent_workers=False, generator=torch.Generator())  # own generator: leave global RNG alone
+        persistent_workers=False, generator=torch.Generator(),  # own generator: leave global RNG alone
+        worker_init_fn=ignore_signals)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     t0, seen = time.time(), 0
+    first_bad = torch.tensor(-1, device=device)  # the first step with a non-finite loss or gradient norm
     model.train()
     for batch in loader:
         seed_step(run.seed, rank, step)
@@ -307,8 +401,17 @@ def train(stage, cfg, run, preset, roll=None):
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         for opt in optimizers:
             opt.step()
+        # the finite-loss guard stays on the device (no host sync per step); check_finite reads it
+        finite = torch.isfinite(loss.detach()) & torch.isfinite(grad_norm)
+        first_bad = torch.where((first_bad < 0) & ~finite, step, first_bad)
         step += 1
         seen += cfg.batch_size * world
+        stop = torch.tensor(float(signals.caught is not None), device=device)
+        if world > 1:  # all ranks stop after the same step: one 4-byte all_reduce per step
+            dist.all_reduce(stop, op=dist.ReduceOp.MAX)
+        stop = bool(stop) if world > 1 else signals.caught is not None
+        if step % run.log_every == 0 or step % run.ckpt_every == 0 or step == cfg.steps or stop:
+            check_finite()
 
         if master and (step % run.log_every == 0 or step == cfg.steps):
             dt = time.time() - t0
@@ -320,10 +423,15 @@ def train(stage, cfg, run, preset, roll=None):
         if master and stage == "ae" and (step % run.image_every == 0 or step == cfg.steps):
             save_reconstructions(model, run.data, val_keys or train_keys,
                                  os.path.join(run.out, f"recon-{step:08d}.png"), device)
-        if master and (step % run.ckpt_every == 0 or step == cfg.steps):
-            save_checkpoint(run.out, step, {"model": model.state_dict(), "step": step,
-                                            "optimizers": [o.state_dict() for o in optimizers],
-                                            "config": resolved}, run.keep)
+        if master and (step % run.ckpt_every == 0 or step == cfg.steps or stop):
+            path = save_checkpoint(run.out, step, {"model": model.state_dict(), "step": step,
+                                                   "optimizers": [o.state_dict() for o in optimizers],
+                                                   "config": resolved}, run.keep)
+        if stop:
+            if world > 1:
+                dist.barrier()
+            raise SystemExit(f"stopped by {signals.caught or 'another rank'} after step {step}"
+                             + (f": checkpoint {path}" if master else "") + "; rerun the same command to resume")
     if world > 1:
         dist.barrier()
     return model
@@ -358,33 +466,43 @@ def save_reconstructions(model, frames_dir, keys, path, device, count=4):
 @torch.no_grad()
 def encode_store(ae_ckpt, frames_dir, out_dir, batch_size=256):
     """Encode every frame of every video to all levels and write the latent store (stage "encode").
-    Videos are split across ranks; a video whose latents are complete is skipped (resumable)."""
+    Videos are split across ranks. meta.json, written first, names the autoencoder by content hash: a
+    video already encoded by this very autoencoder is skipped (resumable), a store made by another one is
+    re-encoded from scratch. index.json, written last, marks the store complete."""
     rank, world, device = setup()
     model = tokenizer.HierarchicalAutoencoder.from_checkpoint(ae_ckpt, device)
-    cfg = model.cfg
-    index = data.load_index(frames_dir)
-    os.makedirs(out_dir, exist_ok=True)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-    t0, done = time.time(), 0
-    for key in sorted(index)[rank::world]:
-        if data.has_latents(out_dir, key, len(model.grids)):
-            continue
-        frames = torch.from_numpy(data.read_frames(frames_dir, key, 0, index[key]))  # (F, H, W, 3) uint8
-        with autocast:  # a batch of frames at a time -> per level (F, T_l, C)
-            z = [model.encode(x.to(device).permute(0, 3, 1, 2).float() / 255) for x in frames.split(batch_size)]
-        levels = [torch.cat(zl).float().cpu().numpy() for zl in zip(*z)]
-        data.write_latents(out_dir, key, levels, data.read_actions(frames_dir, key))
-        done += index[key]
-    if world > 1:
-        dist.barrier()
-    if rank == 0:
-        meta = {"levels": len(model.grids), "grids": [list(g) for g in model.grids],
-                "channels": cfg.channels, "frames_dir": os.path.abspath(frames_dir),
-                "ae_checkpoint": os.path.abspath(ae_ckpt), "ae_config": dataclasses.asdict(cfg),
-                "git_commit": tokenizer.git_commit()}
-        data.write_json(os.path.join(out_dir, "meta.json"), meta)
-        data.write_json(os.path.join(out_dir, "index.json"), index)
-        print(f"encoded {done} frames into {out_dir} in {time.time() - t0:.1f}s")
+    index, meta_path = data.load_index(frames_dir), os.path.join(out_dir, "meta.json")
+    meta = {"levels": len(model.grids), "grids": [list(g) for g in model.grids], "channels": model.cfg.channels,
+            "frames_dir": os.path.abspath(frames_dir), "ae_checkpoint": os.path.abspath(model.source),
+            "ae_sha256": tokenizer.sha256(model.source), "ae_config": dataclasses.asdict(model.cfg),
+            "git_commit": tokenizer.git_commit()}
+    with run_lock(out_dir, hold=rank == 0):
+        old = json.load(open(meta_path)) if os.path.exists(meta_path) else {}
+        if rank == 0 and old.get("ae_sha256") != meta["ae_sha256"]:
+            if old:
+                print(f"{out_dir}: encoded by another autoencoder ({old.get('ae_checkpoint')}): re-encoding it all")
+            Path(out_dir, "index.json").unlink(missing_ok=True)  # unmark the store, then every video in it
+            for marker in glob.glob(os.path.join(out_dir, "**", "actions.npy"), recursive=True):
+                os.remove(marker)
+            data.write_json(meta_path, meta)
+        if world > 1:
+            dist.barrier()
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+        t0, done = time.time(), 0
+        for key in sorted(index)[rank::world]:
+            if tokenizer.has_latents(out_dir, key, len(model.grids)):
+                continue
+            frames = torch.from_numpy(data.read_frames(frames_dir, key, 0, index[key]))  # (F, H, W, 3) uint8
+            with autocast:  # a batch of frames at a time -> per level (F, T_l, C)
+                z = [model.encode(x.to(device).permute(0, 3, 1, 2).float() / 255) for x in frames.split(batch_size)]
+            levels = [torch.cat(zl).float().cpu().numpy() for zl in zip(*z)]
+            tokenizer.write_latents(out_dir, key, levels, data.read_actions(frames_dir, key))
+            done += index[key]
+        if world > 1:
+            dist.barrier()
+        if rank == 0:
+            data.write_json(os.path.join(out_dir, "index.json"), index)
+            print(f"encoded {done} frames into {out_dir} in {time.time() - t0:.1f}s")
 
 
 # ----------------------------------------------------------------------------- stages
@@ -429,9 +547,15 @@ def run_all(preset, overrides, root):
     Every stage resumes (or is skipped when finished), so rerunning continues where it stopped."""
     rank = int(os.environ.get("RANK", 0))
     maze, = build(preset, prefixed(overrides, "data"), {data.MazeConfig: data.maze_config})
-    for split in ("train", "test"):
-        if rank == 0 and not os.path.exists(f"{root}/data/{split}/index.json"):
-            data.make_maze(f"{root}/data/{split}", maze, split)
+    wanted = {k: v for k, v in dataclasses.asdict(maze).items() if k != "workers"}  # what make_maze records
+    for store in (f"{root}/data/{split}" for split in ("train", "test")):
+        if not os.path.exists(f"{store}/index.json"):
+            if rank == 0:
+                data.make_maze(store, maze, store.rsplit("/", 1)[1])
+        elif (made := json.load(open(f"{store}/meta.json")).get("config")) != wanted:  # never reuse silently
+            made = made or {}
+            diff = ", ".join(f"{k}={made.get(k)} (now {v})" for k, v in wanted.items() if made.get(k) != v)
+            raise SystemExit(f"{store} was made with other data settings: {diff}; delete it or use another --root")
     if dist.is_initialized():
         dist.barrier()
     run_stage("ae", preset, prefixed(overrides, "ae"), root)
@@ -446,10 +570,10 @@ def run_all(preset, overrides, root):
 def main(argv):
     stage, preset, overrides = parse_command(argv)
     root = overrides.pop("root", f"runs/{preset}")
-    if stage == "all":
-        run_all(preset, overrides, root)
-    else:
-        run_stage(stage, preset, overrides, root)
+    try:
+        run_all(preset, overrides, root) if stage == "all" else run_stage(stage, preset, overrides, root)
+    except OSError as e:  # a full disk, a read-only folder (data.atomic_write), a missing file: one line
+        raise SystemExit(f"error: {e}") from None
     if dist.is_initialized():
         dist.destroy_process_group()
 

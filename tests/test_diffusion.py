@@ -23,7 +23,8 @@ def layout(step, dense=False):
 
 def millivid_step():
     """Tiny MilliVid (W = [1, 4, 16], extra 16, chunk 37), its first step (target level 2). By hand (the
-    worked example of rollout.millivid_steps): L0 context frame 20; L1 context 16-19; L2 context 0-15 (extra) and denoised 21-36."""
+    worked example of rollout.millivid_steps): L0 context frame 20; L1 context 16-19; L2 context 0-15
+    (extra) and denoised 21-36."""
     step = rollout.millivid_steps([1, 4, 16], extra_budget=16, tokens_per_frame=16)[0]
     assert [np.flatnonzero(sel).tolist() for sel in step.selection] == [
         [20], [16, 17, 18, 19], list(range(16)) + list(range(21, 37))]
@@ -148,7 +149,8 @@ def test_sampler_time_grid_and_cfg_pass():
     context, denoised = step["role"] == CONTEXT, step["role"] == DENOISED
     action = torch.ones(1, 64, dtype=torch.long)
     x = torch.randn(1, 64, TINY.channels)
-    d.ddim_sample(recorder, x, step["denoised"], step["frame"], step["level"], step["row"], step["col"], action, steps=4)
+    d.ddim_sample(recorder, x, step["denoised"], step["frame"], step["level"], step["row"], step["col"], action,
+                  steps=4)
     assert [c[0][0, denoised].unique().tolist() for c in calls] == [[1.0], [0.75], [0.5], [0.25]]
     assert all((c[0][0, context] == 0).all() and (c[1] == 1).all() for c in calls)
     calls.clear()
@@ -283,7 +285,8 @@ def test_loss_counts_only_denoised_tokens():
         v[0, int(denoised.nonzero()[0]), 0] += delta  # one error on one DENOISED channel
         return v
 
-    args = (x0, step["denoised"], step["frame"], step["level"], step["row"], step["col"], torch.zeros(64, dtype=torch.long))
+    args = (x0, step["denoised"], step["frame"], step["level"], step["row"], step["col"],
+            torch.zeros(64, dtype=torch.long))
     for drop in (0.0, 1.0):
         value = d.loss(model, *args, cfg_drop=drop, generator=torch.Generator().manual_seed(1)).item()
         # mean over the C channels of one token, then over the 2 x 32 DENOISED tokens

@@ -24,7 +24,8 @@ class Cfg:
 def test_overrides_are_typed_and_strict():
     """One mechanism for every config (data.make_config): command-line text parsed by the field's type,
     routed to the config that owns the key (train.build); unknown keys and bad values are named."""
-    makers = {Cfg: lambda preset, **o: data.make_config(Cfg, {"tiny": {}}, preset, o), train.RunConfig: train.run_config}
+    makers = {Cfg: lambda preset, **o: data.make_config(Cfg, {"tiny": {}}, preset, o),
+              train.RunConfig: train.run_config}
     cfg, run = train.build("tiny", {"lr": "3e-4", "steps": "7", "levels": "1,4,16", "flag": "true",
                                     "variant": "cascaded", "seed": "5"}, makers)
     assert (cfg.lr, cfg.steps, cfg.levels, cfg.flag, cfg.variant) == (3e-4, 7, (1, 4, 16), True, "cascaded")
@@ -135,7 +136,8 @@ def test_frame_dataset_and_distributed_sampler_partition(tmp_path):
     x = ds[6]                                          # video 1, frame 1
     assert x.shape == (3, 8, 8) and x.dtype == torch.float32
     torch.testing.assert_close(x, torch.from_numpy(videos["000/001"][1]).permute(2, 0, 1).float() / 255)
-    parts = [list(torch.utils.data.distributed.DistributedSampler(ds, num_replicas=3, rank=r, shuffle=True, seed=5)) for r in range(3)]
+    parts = [list(torch.utils.data.distributed.DistributedSampler(ds, num_replicas=3, rank=r, shuffle=True, seed=5))
+             for r in range(3)]
     assert sorted(sum(parts, [])) == list(range(12)) and all(len(p) == 4 for p in parts)
     kept, val = train.split_keys([f"{i:03d}/000" for i in range(50)][::-1], holdout=0.1, seed=3)
     assert (kept, val) == train.split_keys([f"{i:03d}/000" for i in range(50)], holdout=0.1, seed=3)
@@ -147,16 +149,17 @@ def test_latent_store_and_chunk_dataset(tmp_path):
     levels = {k: [rng.normal(size=(f, 4 ** (1 - l), 3)) for l in range(2)] for k, f in (("a/0", 6), ("a/1", 4))}
     actions = {k: np.tile(np.arange(len(v[0]))[:, None] % 3, (1, 6)).astype(np.float32) for k, v in levels.items()}
     for k in levels:
-        data.write_latents(str(tmp_path), k, levels[k], actions[k])
+        tokenizer.write_latents(str(tmp_path), k, levels[k], actions[k])
     (tmp_path / "index.json").write_text(json.dumps({k: len(v[0]) for k, v in levels.items()}))  # encode writes it
-    np.testing.assert_array_equal(data.read_latents(str(tmp_path), "a/0", 1, 2, 5),
+    np.testing.assert_array_equal(tokenizer.read_latents(str(tmp_path), "a/0", 1, 2, 5),
                                   levels["a/0"][1][2:5].astype(np.float16))
     ds = train.ChunkDataset(str(tmp_path), ["a/0", "a/1"], chunk_frames=3)
     assert len(ds) == (6 - 3 + 1) + (4 - 3 + 1)
     item = ds[5]                                       # second chunk of a/1
     assert item["key"] == "a/1" and item["start"] == 1
     assert [z.shape for z in item["latents"]] == [(3, 4, 3), (3, 1, 3)] and item["latents"][0].dtype == torch.float32
-    torch.testing.assert_close(item["latents"][1], torch.from_numpy(levels["a/1"][1][1:4].astype(np.float16).astype(np.float32)))
+    torch.testing.assert_close(item["latents"][1],
+                               torch.from_numpy(levels["a/1"][1][1:4].astype(np.float16).astype(np.float32)))
     assert item["actions"].tolist() == [1, 2, 0] and item["actions"].dtype == torch.long
     assert len(train.ChunkDataset(str(tmp_path), ["a/0"], 3, levels=[1])[0]["latents"]) == 1
 
@@ -212,7 +215,7 @@ def test_encode_then_video_resume_is_exact(frames, tmp_path):
     ae = tokenizer.HierarchicalAutoencoder.from_checkpoint(str(tmp_path / "ae"))
     x = torch.from_numpy(data.read_frames(frames, key, 5, 7)).permute(0, 3, 1, 2).float() / 255
     for level, z in enumerate(ae.encode(x)):  # stored latents (float16) are the encoder's output
-        np.testing.assert_allclose(data.read_latents(str(tmp_path / "latents"), key, level, 5, 7), z.detach(),
+        np.testing.assert_allclose(tokenizer.read_latents(str(tmp_path / "latents"), key, level, 5, 7), z.detach(),
                                    atol=2e-3)
     for strategy in ("millivid", "framepack"):
         roll = rollout.rollout_config("tiny", strategy=strategy)
