@@ -1,13 +1,11 @@
-"""Data: the Loopcraft format, the synthetic maze world, the random-access frame store (paper §4 "Datasets",
-App. A.1), and the one strict --key=value settings mechanism every stage's config is made with.
+"""Data (paper §4 "Datasets", App. A.1) and the one strict --key=value settings mechanism of every config.
 
 Loopcraft (§4): 1024-frame Minecraft videos of an agent running forward with random 90° turns, biased
 to pairs and quartets of turns so it keeps coming back; its test set (App. A.1) keeps action sequences
 whose late path revisits the context. Here: the frame store every stage reads (per video, PNG frames
-behind a uint64 offset table, any range readable alone, plus the (frames, 6) poses [action, x, y, z,
-yaw, pitch]); `prepare` (released Loopcraft layout -> that store); the maze (Loopcraft's actions, walk
-and test selection in a ray-cast grid world whose ground truth renders for any path); the top-down
-map and the video writer used by `show` and evaluate.py. (The latent store is tokenizer.py's.)
+behind a uint64 offset table plus the (frames, 6) poses [action, x, y, z, yaw, pitch]); `prepare`
+(released Loopcraft -> that store); the maze (Loopcraft's actions, walk and test selection in a ray-cast
+grid world); the top-down map and video writer of `show` and evaluate.py; atomic writes.
 
     python data.py maze --out data/maze --preset toy [--split test] [--videos=N --frames=F --key=value ...]
     python data.py prepare LOOPCRAFT_SPLIT data/loopcraft
@@ -21,6 +19,7 @@ import io
 import json
 import math
 import os
+import shutil
 import struct
 import tempfile
 import time
@@ -48,7 +47,7 @@ class MazeConfig:
     lowest: int = 10           # ... one picked uniformly among this many lowest-Chamfer ones
     pool: int = 10             # test videos are the farthest-travelled 1/pool of pool·test_videos (10,000 -> 1,000)
     fov: float = 70.0          # horizontal = vertical field of view, degrees (Minecraft's default 70)
-    seed: int = 0
+    seed: int = 0                 # worlds and walks are a pure function of (seed, split, video)
     workers: int = os.cpu_count() or 1   # generation processes (the bytes do not depend on it)
 
 
@@ -408,9 +407,10 @@ def _map(fn, jobs: list[tuple], workers: int) -> list:
 
 
 def make_maze(out: str, cfg: MazeConfig, split: str = "train") -> dict:
-    """Write a maze frame store to `out`; index.json is removed first and written last, so a killed run
-    leaves no index. Train: cfg.videos walks. Test: of cfg.pool · cfg.test_videos loop-biased candidates,
-    the cfg.test_videos that covered the most distance (drops stuck agents, App. A.1)."""
+    """Write a maze frame store to `out`, resumably: meta.json (the settings) first, each video unless a rerun
+    finds its files complete, index.json last; a store begun with other settings is rebuilt, saying so.
+    Train: cfg.videos walks. Test: of cfg.pool · cfg.test_videos loop-biased candidates, the
+    cfg.test_videos that covered the most distance (drops stuck agents, App. A.1)."""
     if split not in ("train", "test") or not 0 < cfg.context < cfg.frames:
         raise ValueError(f"split {split!r}, context {cfg.context}: expected 'train' or 'test', 0 < context < frames")
     Path(out, "index.json").unlink(missing_ok=True)    # rewriting a store: unmark it first
@@ -420,12 +420,16 @@ def make_maze(out: str, cfg: MazeConfig, split: str = "train") -> dict:
         far = np.argsort([-path_stats(p)["distance"] for _, p, _ in plans], kind="stable")[:n]
         plans = [plans[i] for i in sorted(far)]
     keys = [f"{i // 1000:03d}/{i % 1000:03d}" for i in range(n)]    # Loopcraft's key of video i
-    _map(_write_maze_video, [(out, k, cfg, w, p) for k, (w, p, _) in zip(keys, plans)], cfg.workers)
     stats = {s: float(np.mean([path_stats(p)[s] for _, p, _ in plans])) for s in ("forward", "moved")}
-    meta = dict(source="maze", size=cfg.size, fps=20, split=split, context=cfg.context,
-                config={k: v for k, v in asdict(cfg).items() if k != "workers"},   # bytes independent of workers
-                chamfer=float(np.mean([c for _, _, c in plans])), **stats)
+    meta = json.loads(json.dumps(dict(source="maze", size=cfg.size, fps=20, split=split, context=cfg.context,
+                                      config={k: v for k, v in asdict(cfg).items() if k != "workers"},  # not workers:
+                                      chamfer=float(np.mean([c for _, _, c in plans])), **stats)))  # same bytes
+    if Path(out, "meta.json").exists() and json.loads(Path(out, "meta.json").read_text()) != meta:
+        print(f"{out}: begun with other settings; rebuilding it from scratch")
+        shutil.rmtree(out)
     write_json(os.path.join(out, "meta.json"), meta)
+    done = lambda k: all(os.path.exists(os.path.join(out, k + ext)) for ext in (".frames", ".npy", ".world.npy"))
+    _map(_write_maze_video, [(out, k, cfg, w, p) for k, (w, p, _) in zip(keys, plans) if not done(k)], cfg.workers)
     write_json(os.path.join(out, "index.json"), {k: cfg.frames for k in keys})
     return meta
 

@@ -29,10 +29,10 @@ from tokenizer import AdaLNBlock, modulate, per_token, sincos_embed
 @dataclass
 class DiTConfig:
     # model: DiT-B (App. A.2)
-    depth: int = 12
+    depth: int = 12               # transformer blocks
     width: int = 768                # divisible by 6 (3D sin/cos) and by heads
-    heads: int = 12
-    mlp_ratio: int = 4
+    heads: int = 12               # attention heads
+    mlp_ratio: int = 4            # MLP hidden width / width
     channels: int = 32              # latent channels C of the autoencoder
     levels: int = 4                 # hierarchy levels; for the dense model: packing groups k = 0..levels-1
     num_actions: int = 3            # 0 forward, 1 left, 2 right
@@ -42,18 +42,20 @@ class DiTConfig:
     logsnr_bound: float = 15.0      # logSNR runs from +15 (t = 0) to -15 (t = 1)
     cfg_dropout: float = 0.1        # classifier-free-guidance dropout per sample
     # video training (App. A.2): per-device batch, Muon + AdamW, linear warmup (train.py clips at 1.0)
-    batch_size: int = 48
-    steps: int = 192_000
-    lr: float = 1e-3
-    weight_decay: float = 0.01
-    warmup: int = 2000
+    batch_size: int = 48          # sequences (rollout steps) per device and step
+    steps: int = 192_000          # optimizer steps
+    lr: float = 1e-3              # learning rate (Muon and AdamW)
+    weight_decay: float = 0.01    # decoupled weight decay
+    warmup: int = 2000            # steps of linear warmup
 
     def __post_init__(self):
         for ok, name, expected in [
                 (self.width % 6 == 0 and self.width % self.heads == 0, "width", f"divisible by 6 (3D sin/cos) "
                  f"and by heads={self.heads}"),
                 (self.shift > 0, "shift", "> 0"),
-                (0 <= self.cfg_dropout <= 1, "cfg_dropout", "in [0, 1]")]:
+                (0 <= self.cfg_dropout <= 1, "cfg_dropout", "in [0, 1]"),
+                (self.steps >= 1 and self.batch_size >= 1 and self.warmup >= 0, "steps", ">= 1, batch_size >= 1"),
+                (math.isfinite(self.lr) and self.lr > 0, "lr", "a finite number > 0")]:
             if not ok:
                 raise ValueError(f"DiTConfig.{name} = {getattr(self, name)!r}: expected {expected}")
 

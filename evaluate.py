@@ -9,17 +9,17 @@ per generated-frame offset k = 1, 2, ... (Fig. 4 / Fig. 8) and over horizon buck
 latents" decodes the video's own latents (upper bound, incl. the autoencoder's error), "random latents"
 decodes another test video's latents at the same frame index (real frames, no consistency).
 
-Frames are channel-last (N, H, W, 3), uint8 in [0, 255] or float in [0, 1]; decoder output is turned
-into uint8 once (`tokenizer.to_uint8`), so metrics see what a viewer sees. Metrics: PSNR (capped at 100 dB), SSIM
-(Gaussian 11 / 1.5), LPIPS-AlexNet (when its torchvision weights are on disk), and for the maze, the
-fraction of pixels whose palette base colour agrees (needs no weights). DINOv2, LightGlue, FID and FVD
-need weights we cannot download: the report lists them as unavailable, never skips them silently.
+Frames are channel-last (N, H, W, 3) uint8 (decoder output goes through `tokenizer.to_uint8` once: metrics
+see what a viewer sees). Metrics: PSNR (capped at 100 dB), SSIM (Gaussian 11 / 1.5), LPIPS-AlexNet (with its
+weights on disk), the maze's base-colour agreement; DINOv2, LightGlue, FID, FVD are reported unavailable.
 """
 import csv
 import dataclasses
+import inspect
 import json
 import math
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,13 +46,21 @@ class EvalConfig:
     batch_size: int = 8                 # videos in lockstep (App. A.3 times batches of 8)
     num_videos: int = 1000              # test-set size (App. A.1)
     num_samples: int = 4                # test videos written as side-by-side and plan videos
-    models: tuple = ("millivid", "framepack", "fullres")
+    models: tuple = ("millivid", "framepack", "fullres")  # video models evaluated, {root}/video-<name>
     lpips: bool = True                  # LPIPS-AlexNet when its backbone weights are on disk
     fps: int = 20                       # Loopcraft's frame rate
     map_size: int = 128                 # top-down trajectory panel, pixels
     seed: int = 0                       # random-latents pairing
     root: str = "runs/paper"            # the pipeline folder train.py wrote (data/, latents/, video-*/)
     out: str = ""                       # "" = {root}/eval
+
+    def __post_init__(self):
+        if set(self.models) - set(rollout.STRATEGIES):
+            raise ValueError(f"EvalConfig.models = {self.models}: expected names among {', '.join(rollout.STRATEGIES)}")
+        if not (0 < self.context < self.total and self.sampling_steps >= 1 and self.batch_size >= 1
+                and self.num_videos >= 2 and self.num_samples >= 0):
+            raise ValueError(f"EvalConfig: expected 0 < context < total, sampling_steps >= 1, batch_size >= 1, "
+                             f"num_videos >= 2 (the random-latents pairing), num_samples >= 0; got {self}")
 
 
 def _split(preset):  # the preset's [context, total): data.py states it once for every stage
@@ -66,6 +74,22 @@ PRESETS = {"paper": _split("paper"), "toy": dict(num_videos=32, batch_size=16, *
 def eval_config(preset="paper", **overrides):
     """The paper's protocol, or a maze preset's with the same proportions, with strict `overrides`."""
     return data.make_config(EvalConfig, PRESETS, preset, overrides)
+
+
+def describe(config):
+    """A config's settings as `--key=value  meaning` lines (--help); the meaning is its field's comment."""
+    meaning = dict(re.findall(r"^\s+(\w+): [^#\n]*#\s*(.*)$", inspect.getsource(type(config)), re.M))
+    text = {tuple: lambda v: ",".join(map(str, v)), bool: lambda v: str(v).lower()}
+    return "\n".join(f"  --{f.name}={text.get(type(v := getattr(config, f.name)), str)(v)}  {meaning.get(f.name, '')}"
+                     .rstrip() for f in dataclasses.fields(config))
+
+
+def progress(what, done, total, start):
+    """A progress line for logs: position/total, rate and ETA (the `done` items took since `start`)."""
+    elapsed = max(time.perf_counter() - start, 1e-9)
+    left = elapsed / max(done, 1) * (total - done)
+    eta = time.strftime("%H:%M:%S", time.gmtime(left)) if left < 86400 else f"{left / 86400:.1f} days"
+    return f"{what} {done}/{total} ({100 * done // max(total, 1)}%), {done / elapsed:.2f}/s, eta {eta}"
 
 
 # ----------------------------------------------------------------------------- per-frame metrics
@@ -199,6 +223,12 @@ def bucket_means(per_frame, buckets):
     return [float(c[first - 1:last].mean()) for first, last in buckets]
 
 
+def bucket_spreads(per_frame, buckets):
+    """(V, K) -> [standard error over videos of each video's bucket mean] (0 with a single video)."""
+    v = np.asarray(per_frame, np.float64)
+    return [float(v[:, a - 1:b].mean(1).std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else 0.0 for a, b in buckets]
+
+
 # ----------------------------------------------------------------------------- reference rows
 
 def derangement(n, seed=0):
@@ -262,29 +292,34 @@ def summarize(results):
         "metrics": {m: {"label": METRICS[m][0], "higher_is_better": METRICS[m][1]} for m in present},
         "unavailable": dict(results.unavailable), "config": dict(results.config),
         "rows": [{"name": r.name, "reference": r.reference, "videos": len(r.keys),
-                  "metrics": {m: dict(zip([f"{a}-{b}" for a, b in results.buckets],
-                                          bucket_means(r.per_frame[m], results.buckets)))
-                              for m in present if m in r.per_frame},
+                  **{key: {m: dict(zip([f"{a}-{b}" for a, b in results.buckets], fn(r.per_frame[m], results.buckets)))
+                           for m in present if m in r.per_frame}
+                     for key, fn in (("metrics", bucket_means), ("standard_errors", bucket_spreads))},
                   "rollout_steps": r.rollout_steps, "network_evals": r.network_evals, "wall_s_per_video": r.wall_s}
                  for r in results.rows]}
 
 
 def results_markdown(summary):
-    """Table 1 layout: one row per model / reference, metric x bucket columns, then the cost columns;
-    the best model (reference rows excluded) of each column in bold."""
+    """Table 1 layout: one row per model / reference, metric x bucket columns (mean ± standard error over
+    videos), then the cost columns. The best model of a column is bold only if its lead over the runner-up
+    exceeds their two standard errors together: no bold where the spreads overlap."""
     buckets = [f"{a}-{b}" for a, b in summary["buckets"]]
     cols = [(m, b) for m in summary["metrics"] for b in buckets]
     models = [r for r in summary["rows"] if not r["reference"]]
-    best = {(m, b): (max if summary["metrics"][m]["higher_is_better"] else min)(
-        [r["metrics"][m][b] for r in models if m in r["metrics"]], default=None) for m, b in cols}
+    best = {}
+    for m, b in cols:  # (value, se) of the models, best first
+        ranked = sorted(((r["metrics"][m][b], r["standard_errors"][m][b]) for r in models if m in r["metrics"]),
+                        reverse=summary["metrics"][m]["higher_is_better"])
+        if len(ranked) == 1 or len(ranked) > 1 and abs(ranked[0][0] - ranked[1][0]) > ranked[0][1] + ranked[1][1]:
+            best[m, b] = ranked[0][0]
     head = [f"{summary['metrics'][m]['label']} {'↑' if summary['metrics'][m]['higher_is_better'] else '↓'} {b}"
             for m, b in cols] + ["rollout steps", "network evals", "wall s/video"]
     lines = ["| row | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
     for r in summary["rows"]:
         cells = []
         for m, b in cols:
-            v = r["metrics"].get(m, {}).get(b)
-            text = "n/a" if v is None else f"{v:.2f}" if m == "psnr" else f"{v:.3f}"
+            v, se = r["metrics"].get(m, {}).get(b), r["standard_errors"].get(m, {}).get(b)
+            text = "n/a" if v is None else f"{v:.2f} ± {se:.2f}" if m == "psnr" else f"{v:.3f} ± {se:.3f}"
             cells.append(f"**{text}**" if not r["reference"] and v is not None and v == best.get((m, b)) else text)
         cells += ["—" if r[k] is None else f"{r[k]:.3g}" if k == "wall_s_per_video" else str(r[k])
                   for k in ("rollout_steps", "network_evals", "wall_s_per_video")]
@@ -293,12 +328,23 @@ def results_markdown(summary):
             f"{summary['rows'][0]['videos'] if summary['rows'] else 0} test videos, context {summary['context']} "
             "frames; each metric is averaged over videos per generated-frame offset, then over the offsets of "
             f"each bucket. PSNR of identical frames is capped at {PSNR_CAP:g} dB.", ""]
-    text += lines + ["", "## Not measured", ""]
+    text += lines + ["", interpretation(summary, models), "", "## Not measured", ""]
     text += [f"- {why}" for why in summary["unavailable"].values()] or ["- (everything was measured)"]
     text += ["", "Beside this file: `results.json`, `per_frame.csv`, `consistency.png` (Fig. 4), `videos/` "
              "(Fig. 3) and `plans/` (each level decoded alone).", "",
              "Configuration: " + ", ".join(f"{k}={v}" for k, v in summary["config"].items()), ""]
     return "\n".join(text)
+
+
+def interpretation(summary, models):
+    """A line under the table: does a model beat the random-latents reference (no consistency) anywhere?"""
+    ref = next((r["metrics"] for r in summary["rows"] if r["name"] == "random latents"), {})
+    sign = {m: 1 if v["higher_is_better"] else -1 for m, v in summary["metrics"].items()}
+    above = sorted({r["name"] for r in models for m in ref for b, x in r["metrics"].get(m, {}).items()
+                    if (x - ref[m][b]) * sign[m] > 0})
+    verdict = f"above the random-latents reference somewhere: {', '.join(above)}" if above else \
+        "no model is above the random-latents reference anywhere: none is consistent at this scale"
+    return f"Reading: {verdict if ref else 'no random-latents reference'}. Bold: a lead beyond both standard errors."
 
 
 def write_per_frame_csv(path, results):
@@ -412,9 +458,8 @@ class Video:
 
 @dataclass
 class Model:
-    """A video model ready to roll out: `generate(latents, actions) -> latents`, with latents a list per
-    level of (B, F, T_l, C) tensors (frames >= context zeroed on input, all generated on output, F or
-    more frames) and actions (B, F) long. Cost per video comes from rollout.py's step count."""
+    """A video model ready to roll out: `generate(latents, actions) -> latents`, latents a list per level of
+    (B, F, T_l, C) (frames >= context zeroed in, generated out, >= F frames), actions (B, F) long."""
     name: str
     generate: Callable
     rollout_steps: int | None = None
@@ -435,7 +480,10 @@ def evaluate_videos(cfg, keys, load, decode, models, palette=None, lpips_net=Non
     buckets, partner = horizon_buckets(K, cfg.buckets), derangement(len(keys), cfg.seed)
     values = {name: {} for name in [m.name for m in models] + ["ground-truth latents", "random latents"]}
     wall, samples = {m.name: 0.0 for m in models}, []
+    t_start = time.perf_counter()
     for start in range(0, len(keys), cfg.batch_size):
+        if start:
+            print(progress("evaluate: videos", start, len(keys), t_start), flush=True)
         batch = range(start, min(start + cfg.batch_size, len(keys)))
         videos = [load(keys[i]) for i in batch]
         for i, v in zip(batch, videos):
@@ -493,13 +541,11 @@ def evaluate(cfg):
     frames_dir, latents_dir = f"{cfg.root}/data/test", f"{cfg.root}/latents/test"
     ae = tokenizer.HierarchicalAutoencoder.from_checkpoint(f"{cfg.root}/ae", device)
     grids, T0 = [list(g) for g in ae.grids], ae.grids[0][0] * ae.grids[0][1]
-    # provenance: the test latents must be complete and made by the autoencoder that decodes them here
-    made_by = tokenizer.sha256(ae.source)
-    if not os.path.exists(f"{latents_dir}/index.json"):
-        raise SystemExit(f"{latents_dir}: the test latents are missing or incomplete; python train.py --stage encode")
-    if json.load(open(f"{latents_dir}/meta.json")).get("ae_sha256") != made_by:
-        raise SystemExit(f"{latents_dir}: encoded by another autoencoder than {ae.source}, which decodes here; "
-                         "re-encode them: python train.py --stage encode")
+    made_by = tokenizer.sha256(ae.source)  # the test latents: complete, made by the autoencoder that decodes here
+    meta = f"{latents_dir}/meta.json"
+    if not os.path.exists(f"{latents_dir}/index.json") or json.load(open(meta)).get("ae_sha256") != made_by:
+        raise SystemExit(f"{latents_dir}: test latents missing, incomplete or encoded by another autoencoder than "
+                         f"{ae.source}, which decodes here; (re-)encode them: python train.py --stage encode")
 
     def decode(z, level):  # one level on its own, every other level zeroed (§3.1); level-0 image out
         with autocast:
@@ -543,10 +589,12 @@ def evaluate(cfg):
 
 if __name__ == "__main__":  # python evaluate.py --preset toy [--root=runs/toy] [--key=value ...]
     import sys
-    overrides = data.parse_overrides(sys.argv[1:])
+    overrides = data.parse_overrides([a for a in sys.argv[1:] if a not in ("-h", "--help")])
     preset = overrides.pop("preset", "toy")
+    if {"-h", "--help"} & set(sys.argv):
+        raise SystemExit(print(f"{__doc__}\nsettings (--key=value) with their --preset {preset} values:\n"
+                               + describe(eval_config(preset))))
     try:
-        cfg = eval_config(preset, **{"root": f"runs/{preset}", **overrides})
-    except ValueError as e:
+        print(evaluate(eval_config(preset, **{"root": f"runs/{preset}", **overrides})))
+    except (ValueError, OSError) as e:  # a bad setting, a missing checkpoint or store: one line
         raise SystemExit(f"error: {e}") from None
-    print(evaluate(cfg))

@@ -485,6 +485,54 @@ def main(argv=None):
 
 
 # ----------------------------------------------------------------------------------------------------
+# Training data (§3.2, Training Procedure): chunks of N frames, a randomly drawn step per chunk
+
+def locate(ends, i):
+    """Item i -> (video, item within it), given ends = [0, cumulative item counts of the videos]."""
+    if not 0 <= i < ends[-1]:
+        raise IndexError(f"item {i} outside the dataset of {ends[-1]} items")
+    v = int(np.searchsorted(ends, i, side="right")) - 1
+    return v, i - int(ends[v])
+
+
+class ChunkDataset(torch.utils.data.Dataset):
+    """Every (video, start) with start in [0, frames - chunk_frames] of a latent store. Deterministic."""
+    def __init__(self, root, keys, chunk_frames, levels=None):
+        self.root, self.keys, self.N = root, list(keys), chunk_frames
+        self.levels = list(levels) if levels is not None else \
+            [l for l in range(16) if os.path.exists(os.path.join(root, self.keys[0], f"l{l}.npy"))]
+        index = data.load_index(root)                    # {key: frames}: no file opened per video (200k of them)
+        self.ends = np.cumsum([0] + [max(0, index[k] - chunk_frames + 1) for k in self.keys])
+
+    def __len__(self):
+        return int(self.ends[-1])
+
+    def __getitem__(self, i):
+        v, start = locate(self.ends, i)
+        key = self.keys[v]
+        latents = [torch.from_numpy(tokenizer.read_latents(self.root, key, l, start, start + self.N).astype(np.float32))
+                   for l in self.levels]                                          # (N, T_l, C) each
+        act = np.load(os.path.join(self.root, key, "actions.npy"), mmap_mode="r")[start:start + self.N, 0]
+        return dict(latents=latents, actions=torch.from_numpy(act.astype(np.int64)), key=key, start=start)
+
+    def item_name(self, i):
+        v, start = locate(self.ends, i)
+        return f"{self.keys[v]} frames {start}-{start + self.N - 1}"
+
+
+def training_batch(batch, gathers, probs, device):
+    """A batch of (video, chunk start) items -> one randomly drawn rollout step per item, gathered
+    into the model's token sequence. Steps of one strategy have equal token counts, so they stack."""
+    steps = torch.multinomial(probs, len(batch["actions"]), replacement=True)  # group-balanced (§3.2)
+    flat = torch.cat([z.flatten(1, 2) for z in batch["latents"]], dim=1)  # (B, levels·N·T_l, C)
+    fields = {k: torch.stack([gathers[s][k] for s in steps.tolist()]) for k in gathers[0]}  # (B, T)
+    x = flat.gather(1, fields["index"][..., None].expand(-1, -1, flat.shape[-1]))   # (B, T, C)
+    action = batch["actions"].gather(1, fields["frame"])  # action t leads into frame t (data.simulate)
+    out = dict(x=x, action=action, **{k: fields[k] for k in ("denoised", "frame", "level", "row", "col")})
+    return {k: v.to(device, non_blocking=True) for k, v in out.items()}
+
+
+# ----------------------------------------------------------------------------------------------------
 # Generation: the chunked rollout of a batch of videos (§3.2, App. A.2 "Inference Details")
 
 def token_index(layout, grids, num_frames, dense=False):

@@ -23,6 +23,7 @@ The transformer pieces (`Attention`, `Block`, the adaLN-Zero `AdaLNBlock`, ...) 
 import argparse
 import glob
 import hashlib
+import math
 import os
 import pickle
 import subprocess
@@ -34,7 +35,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageDraw
 
 import data
 
@@ -44,22 +45,22 @@ import data
 @dataclass
 class AEConfig:
     # model (App. A.2): 256² frames, 16² patches, L = 4 levels, 32 channels, ViT-B encoder and decoder
-    image_size: int = 256
-    patch_size: int = 16
-    levels: int = 4
+    image_size: int = 256         # frame side in pixels
+    patch_size: int = 16          # p, pixels per token side at level 0
+    levels: int = 4               # L, hierarchy levels (each halves the token grid)
     channels: int = 32            # C, latent channels per token
     width: int = 768              # encoder and decoder are the same size (ViT-B / DiT-B)
-    depth: int = 12
-    heads: int = 12
-    mlp_ratio: float = 4.0
+    depth: int = 12               # transformer blocks of the encoder and of the decoder
+    heads: int = 12               # attention heads
+    mlp_ratio: float = 4.0        # MLP hidden width / width
     lpips_weight: float = 0.05    # LPIPS(VGG) on the level-0 output (§3.1)
     variant: str = "hierarchical"  # "hierarchical" (learned levels) | "cascaded" (mean-pooled ablation, §5)
     # training (App. A.2): 224 per GPU × 8 GPUs, 128k steps, lr 1e-3, wd 0.01, 2k-step linear warmup
-    batch_size: int = 224
-    steps: int = 128_000
-    lr: float = 1e-3
-    weight_decay: float = 0.01
-    warmup: int = 2000
+    batch_size: int = 224         # frames per device and step
+    steps: int = 128_000          # optimizer steps
+    lr: float = 1e-3              # learning rate (Muon and AdamW)
+    weight_decay: float = 0.01    # decoupled weight decay
+    warmup: int = 2000            # steps of linear warmup
 
     def __post_init__(self):
         coarsest = self.patch_size * 2 ** (self.levels - 1)
@@ -69,7 +70,9 @@ class AEConfig:
                   (self.width % self.heads == 0, "width", f"a multiple of heads = {self.heads}"),
                   (self.width % 4 == 0, "width", "a multiple of 4 (2D sin/cos positions)"),
                   (self.variant in ("hierarchical", "cascaded"), "variant", "'hierarchical' or 'cascaded'"),
-                  (self.lpips_weight >= 0, "lpips_weight", ">= 0")]
+                  (self.lpips_weight >= 0, "lpips_weight", ">= 0"),
+                  (self.steps >= 1 and self.batch_size >= 1 and self.warmup >= 0, "steps", ">= 1, batch_size >= 1"),
+                  (math.isfinite(self.lr) and self.lr > 0, "lr", "a finite number > 0")]
         for ok, name, expected in checks:
             if not ok:
                 raise ValueError(f"AEConfig.{name} = {getattr(self, name)!r}: expected {expected}")
@@ -555,10 +558,16 @@ def spread_frames(root, keys, count):
 
 
 def save_levels_image(path, x, images):
-    """Fig. 5-style PNG: a row per frame of x (B, 3, H, W); ground truth, then its level-0 output decoded
-    from each level alone (finest to coarsest)."""
+    """Fig. 5-style PNG: a row per frame of x (B, 3, H, W): ground truth, then its level-0 output decoded from
+    each level alone (finest to coarsest); columns labelled, small frames enlarged (nearest) to >= 128 pixels."""
     grid = torch.cat([torch.cat(list(column), dim=1) for column in [x, *images]], dim=2)  # (3, B·H, (L+1)·W)
-    data.atomic_write(path, lambda tmp: Image.fromarray(to_uint8(grid[None])[0]).save(tmp))
+    k = -(-128 // x.shape[-1])                                                             # ceil(128 / W)
+    pixels = to_uint8(grid[None])[0].repeat(k, 0).repeat(k, 1)                             # (k·B·H, k·(L+1)·W, 3)
+    canvas = Image.new("RGB", (pixels.shape[1], pixels.shape[0] + 14))
+    canvas.paste(Image.fromarray(pixels), (0, 14))
+    for i, label in enumerate(["ground truth"] + [f"from level {l}" for l in range(len(images))]):
+        ImageDraw.Draw(canvas).text((i * k * x.shape[-1] + 3, 1), label, fill="white")
+    data.atomic_write(path, lambda tmp: canvas.save(tmp))
 
 
 def main(argv=None):

@@ -45,13 +45,21 @@ import tokenizer
 class RunConfig:
     out: str = ""          # this stage's output folder ("" = runs/<preset>/<stage name>)
     data: str = ""         # input store: frames for ae/encode, latents for video ("" = the preset's)
-    seed: int = 0
-    log_every: int = 50
-    image_every: int = 1000
-    ckpt_every: int = 1000
+    seed: int = 0                 # initial weights and the data order
+    log_every: int = 50           # steps between log lines
+    image_every: int = 1000       # steps between reconstruction images (autoencoder)
+    ckpt_every: int = 1000        # steps between checkpoints
     keep: int = 2          # newest checkpoints kept on disk
-    workers: int = 4       # DataLoader worker processes (0 = load in the main process)
+    workers: int = min(4, os.cpu_count() or 1)  # DataLoader worker processes (0 = load in the main process)
     holdout: float = 0.01  # fraction of training videos held out for the periodic reconstruction images
+
+    def __post_init__(self):
+        for name in ("log_every", "image_every", "ckpt_every", "keep"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"RunConfig.{name} = {getattr(self, name)}: expected >= 1")
+        if self.workers < 0 or not 0 <= self.holdout < 1:
+            raise ValueError(f"RunConfig: workers = {self.workers} (expected >= 0), holdout = {self.holdout} "
+                             "(expected in [0, 1))")
 
 
 # logging / checkpoint cadence per preset; `tiny` loads data in-process (CPU tests)
@@ -67,6 +75,9 @@ def run_config(preset="paper", **overrides):
 
 def parse_command(argv):
     """`--stage ae --preset toy --lr=3e-4 ...` -> (stage, preset, {key: text})."""
+    if {"-h", "--help"} & set(argv):
+        print_help(data.parse_overrides([a for a in argv if a not in ("-h", "--help")]).get("preset", "toy"))
+        raise SystemExit(0)
     args = data.parse_overrides(argv)
     stage, preset = args.pop("stage", None), args.pop("preset", "toy")
     if stage not in ("ae", "encode", "video", "all"):  # (an unknown preset: each config's maker names it)
@@ -74,7 +85,7 @@ def parse_command(argv):
     return stage, preset, args
 
 
-def build(preset, overrides, makers):
+def build(preset, overrides, makers, flag=""):
     """{config dataclass: its maker} -> [config]: each --key goes to the one dataclass with that field, then
     each config is made for the preset; a bad key or value ends the program naming it, before any work."""
     parts = {cls: {} for cls in makers}
@@ -82,12 +93,26 @@ def build(preset, overrides, makers):
         owners = [cls for cls in makers if key in cls.__dataclass_fields__]
         if len(owners) != 1:
             known = sorted({f for cls in makers for f in cls.__dataclass_fields__})
-            raise SystemExit(f"--{key}: {'ambiguous' if owners else 'unknown'} setting; known: {', '.join(known)}")
+            raise SystemExit(f"--{flag}{key}: {'ambiguous' if owners else 'unknown'} setting; known: {', '.join(known)}"
+                             " (python train.py --help lists them)")
         parts[owners[0]][key] = value
     try:
         return [make(preset, **parts[cls]) for cls, make in makers.items()]
     except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
+        raise SystemExit(f"error{f' in --{flag}*' if flag else ''}: {e}") from None
+
+
+def print_help(preset):
+    """--help: the commands, the stages, the presets, and every setting with its default and meaning."""
+    print(__doc__ + f"\nPresets: paper, toy, tiny. Settings with their --preset {preset} values (--stage all: "
+          "prefix each with its stage, --data.*, --ae.*, --video.*, --eval.*):")
+    for what, config in (("data (data.py)", data.maze_config(preset)),
+                         ("ae (tokenizer.py)", tokenizer.ae_config(preset)),
+                         ("video (diffusion.py)", diffusion.dit_config(preset)),
+                         ("video strategy (rollout.py)", rollout.rollout_config(preset)),
+                         ("every training stage (train.py)", run_config(preset)),
+                         ("eval (evaluate.py)", evaluate.eval_config(preset))):
+        print(f"\n{what}:\n{evaluate.describe(config)}")
 
 
 # ----------------------------------------------------------------------------- setup
@@ -199,14 +224,6 @@ def split_keys(keys, holdout=0.01, seed=0):
     return ([k for i, k in enumerate(keys) if i not in held], [k for i, k in enumerate(keys) if i in held])
 
 
-def _locate(ends, i):
-    """Item i -> (video, item within it), given ends = [0, cumulative item counts of the videos]."""
-    if not 0 <= i < ends[-1]:
-        raise IndexError(f"item {i} outside the dataset of {ends[-1]} items")
-    v = int(np.searchsorted(ends, i, side="right")) - 1
-    return v, i - int(ends[v])
-
-
 class FrameDataset(torch.utils.data.Dataset):
     """Every (video, frame) of a frame store; item = float32 (3, H, W) in [0, 1]. Deterministic."""
     def __init__(self, root, keys=None):
@@ -218,38 +235,13 @@ class FrameDataset(torch.utils.data.Dataset):
         return int(self.ends[-1])
 
     def __getitem__(self, i):
-        v, f = _locate(self.ends, i)
+        v, f = rollout.locate(self.ends, i)
         frame = data.read_frames(self.root, self.keys[v], f, f + 1)[0]
         return torch.from_numpy(frame).permute(2, 0, 1).float() / 255  # (3, H, W)
 
     def item_name(self, i):
-        v, f = _locate(self.ends, i)
+        v, f = rollout.locate(self.ends, i)
         return f"{self.keys[v]} frame {f}"
-
-
-class ChunkDataset(torch.utils.data.Dataset):
-    """Every (video, start) with start in [0, frames - chunk_frames] of a latent store. Deterministic."""
-    def __init__(self, root, keys, chunk_frames, levels=None):
-        self.root, self.keys, self.N = root, list(keys), chunk_frames
-        self.levels = list(levels) if levels is not None else \
-            [l for l in range(16) if os.path.exists(os.path.join(root, self.keys[0], f"l{l}.npy"))]
-        index = data.load_index(root)                    # {key: frames}: no file opened per video (200k of them)
-        self.ends = np.cumsum([0] + [max(0, index[k] - chunk_frames + 1) for k in self.keys])
-
-    def __len__(self):
-        return int(self.ends[-1])
-
-    def __getitem__(self, i):
-        v, start = _locate(self.ends, i)
-        key = self.keys[v]
-        latents = [torch.from_numpy(tokenizer.read_latents(self.root, key, l, start, start + self.N).astype(np.float32))
-                   for l in self.levels]                                          # (N, T_l, C) each
-        act = np.load(os.path.join(self.root, key, "actions.npy"), mmap_mode="r")[start:start + self.N, 0]
-        return dict(latents=latents, actions=torch.from_numpy(act.astype(np.int64)), key=key, start=start)
-
-    def item_name(self, i):
-        v, start = _locate(self.ends, i)
-        return f"{self.keys[v]} frames {start}-{start + self.N - 1}"
 
 
 class StepBatches(torch.utils.data.Sampler):
@@ -287,6 +279,9 @@ def train(stage, cfg, run, preset, roll=None):
     """One training run (stage "ae" with cfg an AEConfig, or "video" with cfg a DiTConfig and roll the
     RolloutConfig it is trained for), as the only writer of run.out and stopping cleanly on SIGTERM/SIGINT.
     Returns the trained model (the newest checkpoint in run.out holds the same weights)."""
+    if not os.path.exists(os.path.join(run.data, "index.json")):  # written last: the store is complete
+        raise SystemExit(f"{run.data}: no complete {'frame' if stage == 'ae' else 'latent'} store (no index.json); "
+                         f"make it first: python train.py --stage {'all' if stage == 'ae' else 'encode'} ...")
     rank, world, device = setup()
     with run_lock(run.out, hold=rank == 0), Signals() as signals:
         return train_loop(stage, cfg, run, preset, roll, rank, world, device, signals)
@@ -298,9 +293,6 @@ def train_loop(stage, cfg, run, preset, roll, rank, world, device, signals):
     if stage == "video" and (roll is None or roll.dense != cfg.dense):
         raise ValueError(f"video stage: DiTConfig.dense={cfg.dense} must match the rollout strategy "
                          f"({'none given' if roll is None else roll.strategy})")
-    if not os.path.exists(os.path.join(run.data, "index.json")):  # written last: the store is complete
-        raise SystemExit(f"{run.data}: no complete {'frame' if stage == 'ae' else 'latent'} store (no index.json); "
-                         f"make it first: python train.py --stage {'all' if stage == 'ae' else 'encode'} ...")
     meta = json.load(open(os.path.join(run.data, "meta.json")))  # the store's provenance (encode: grids, AE)
     resolved = {"stage": stage, "format": tokenizer.CHECKPOINT_FORMAT, "preset": preset,
                 "model": dataclasses.asdict(cfg), "run": dataclasses.asdict(run), "git_commit": tokenizer.git_commit(),
@@ -327,7 +319,7 @@ def train_loop(stage, cfg, run, preset, roll, rank, world, device, signals):
         levels = [0] if roll.dense else list(range(len(steps[0].selection)))  # what a step reads
         if len(levels) > len(grids):
             raise SystemExit(f"--strategy={roll.strategy} needs {len(levels)} levels; {run.data} has {len(grids)}")
-        dataset = ChunkDataset(run.data, train_keys, chunk, levels=levels)
+        dataset = rollout.ChunkDataset(run.data, train_keys, chunk, levels=levels)
         model = diffusion.VideoDiT(cfg)
         probs = torch.tensor(rollout.step_probabilities(steps), dtype=torch.float64)
         gathers = [rollout.step_tokens(s, grids, chunk, roll.dense) for s in steps]  # the tokens of each step
@@ -338,6 +330,9 @@ def train_loop(stage, cfg, run, preset, roll, rank, world, device, signals):
     if master:
         print(f"{stage}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, "
               f"{len(dataset)} training items, device {device}, world {world}")
+        if device.type == "cpu" and preset != "tiny":  # the log lines' ETA will say how long, in hours
+            print(f"note: --preset {preset} is sized for a GPU; on this CPU it runs many hours. --preset tiny "
+                  "runs the whole pipeline here in minutes")
     # DDP only syncs gradients of what runs through forward(): the autoencoder's forward is its loss,
     # and diffusion.loss calls the wrapped video model
     wrapped = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
@@ -379,7 +374,7 @@ def train_loop(stage, cfg, run, preset, roll, rank, world, device, signals):
         persistent_workers=False, generator=torch.Generator(),  # own generator: leave global RNG alone
         worker_init_fn=ignore_signals)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-    t0, seen = time.time(), 0
+    t0, seen, t_start, start_step = time.time(), 0, time.perf_counter(), step
     first_bad = torch.tensor(-1, device=device)  # the first step with a non-finite loss or gradient norm
     model.train()
     for batch in loader:
@@ -391,7 +386,7 @@ def train_loop(stage, cfg, run, preset, roll, rank, world, device, signals):
             if stage == "ae":
                 loss, stats = wrapped(batch.to(device, non_blocking=True))
             else:
-                inputs = video_inputs(batch, gathers, probs, device)
+                inputs = rollout.training_batch(batch, gathers, probs, device)
                 loss = diffusion.loss(wrapped, **inputs, cfg_drop=cfg.cfg_dropout)
                 stats = {}
         for opt in optimizers:
@@ -417,8 +412,8 @@ def train_loop(stage, cfg, run, preset, roll, rank, world, device, signals):
             dt = time.time() - t0
             extra = "".join(f" | {k} {v:.4f}" for k, v in stats.items() if k != "loss")
             print(f"step {step:7d} | loss {loss.item():.5f}{extra} | lr {lr_at(step - 1, cfg.lr, cfg.warmup):.2e}"
-                  f" | grad {grad_norm.item():.3f} | {seen / dt:.1f} {'images' if stage == 'ae' else 'seqs'}/s",
-                  flush=True)
+                  f" | grad {grad_norm.item():.3f} | {seen / dt:.1f} {'images' if stage == 'ae' else 'seqs'}/s | "
+                  + evaluate.progress("steps", step - start_step, cfg.steps - start_step, t_start), flush=True)
             t0, seen = time.time(), 0
         if master and stage == "ae" and (step % run.image_every == 0 or step == cfg.steps):
             save_reconstructions(model, run.data, val_keys or train_keys,
@@ -435,20 +430,6 @@ def train_loop(stage, cfg, run, preset, roll, rank, world, device, signals):
     if world > 1:
         dist.barrier()
     return model
-
-
-# ----------------------------------------------------------------------------- video-stage batches
-
-def video_inputs(batch, gathers, probs, device):
-    """A batch of (video, chunk start) items -> one randomly drawn rollout step per item, gathered
-    into the model's token sequence. Steps of one strategy have equal token counts, so they stack."""
-    steps = torch.multinomial(probs, len(batch["actions"]), replacement=True)  # group-balanced (§3.2)
-    flat = torch.cat([z.flatten(1, 2) for z in batch["latents"]], dim=1)  # (B, levels·N·T_l, C)
-    fields = {k: torch.stack([gathers[s][k] for s in steps.tolist()]) for k in gathers[0]}  # (B, T)
-    x = flat.gather(1, fields["index"][..., None].expand(-1, -1, flat.shape[-1]))   # (B, T, C)
-    action = batch["actions"].gather(1, fields["frame"])  # action t leads into frame t (data.simulate)
-    out = dict(x=x, action=action, **{k: fields[k] for k in ("denoised", "frame", "level", "row", "col")})
-    return {k: v.to(device, non_blocking=True) for k, v in out.items()}
 
 
 # ----------------------------------------------------------------------------- autoencoder extras
@@ -488,8 +469,11 @@ def encode_store(ae_ckpt, frames_dir, out_dir, batch_size=256):
         if world > 1:
             dist.barrier()
         autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-        t0, done = time.time(), 0
-        for key in sorted(index)[rank::world]:
+        t0, done = time.perf_counter(), 0
+        mine = sorted(index)[rank::world]
+        for i, key in enumerate(mine):
+            if rank == 0 and i and i % max(1, len(mine) // 10) == 0:
+                print(evaluate.progress(f"encode {out_dir}: videos", i, len(mine), t0), flush=True)
             if tokenizer.has_latents(out_dir, key, len(model.grids)):
                 continue
             frames = torch.from_numpy(data.read_frames(frames_dir, key, 0, index[key]))  # (F, H, W, 3) uint8
@@ -502,7 +486,7 @@ def encode_store(ae_ckpt, frames_dir, out_dir, batch_size=256):
             dist.barrier()
         if rank == 0:
             data.write_json(os.path.join(out_dir, "index.json"), index)
-            print(f"encoded {done} frames into {out_dir} in {time.time() - t0:.1f}s")
+            print(f"encoded {done} frames into {out_dir} in {time.perf_counter() - t0:.1f}s")
 
 
 # ----------------------------------------------------------------------------- stages
@@ -512,16 +496,33 @@ def prefixed(overrides, prefix):
     return {k[len(prefix) + 1:]: v for k, v in overrides.items() if k.startswith(prefix + ".")}
 
 
+def stage_configs(stage, preset, overrides, root, flag=""):
+    """A stage's configs: the preset's defaults, then the strict overrides (build), before any work."""
+    if stage == "ae":
+        return build(preset, {"out": f"{root}/ae", "data": f"{root}/data/train", **overrides},
+                     {tokenizer.AEConfig: tokenizer.ae_config, RunConfig: run_config}, flag)
+    if stage == "encode":  # (--ae=PATH picks the autoencoder checkpoint)
+        return build(preset, {"out": f"{root}/latents", "data": f"{root}/data",
+                              **{k: v for k, v in overrides.items() if k != "ae"}}, {RunConfig: run_config}, flag)
+    if stage == "video":
+        if "dense" in overrides:
+            raise SystemExit(f"--{flag}dense is set by --strategy (framepack: the dense baseline); do not pass it")
+        makers = {diffusion.DiTConfig: diffusion.dit_config, rollout.RolloutConfig: rollout.rollout_config,
+                  RunConfig: run_config}
+        cfg, roll, run = build(preset, {"data": f"{root}/latents/train", **overrides}, makers, flag)
+        cfg = dataclasses.replace(cfg, dense=roll.dense)  # the input stage the strategy needs
+        return cfg, roll, dataclasses.replace(run, out=run.out or f"{root}/video-{roll.strategy}")
+    return build(preset, {"root": root, **overrides}, {evaluate.EvalConfig: evaluate.eval_config}, flag)  # eval
+
+
 def run_stage(stage, preset, overrides, root):
     """Run one stage with the preset's defaults plus strict overrides; returns its model or folder."""
+    configs = stage_configs(stage, preset, overrides, root)
     if stage == "ae":
-        cfg, run = build(preset, {"out": f"{root}/ae", "data": f"{root}/data/train", **overrides},
-                         {tokenizer.AEConfig: tokenizer.ae_config, RunConfig: run_config})
-        return train("ae", cfg, run, preset)
+        return train("ae", *configs, preset)
     if stage == "encode":
         # --data is one frame store, or a folder of split stores (train/, test/) encoded side by side
-        ae = overrides.pop("ae", None) or tokenizer.newest_checkpoint(f"{root}/ae")
-        run, = build(preset, {"out": f"{root}/latents", "data": f"{root}/data", **overrides}, {RunConfig: run_config})
+        ae, (run,) = overrides.get("ae") or tokenizer.newest_checkpoint(f"{root}/ae"), configs
         if not ae:
             raise SystemExit(f"no autoencoder checkpoint in {root}/ae: run --stage ae first or pass --ae=PATH")
         if os.path.exists(f"{run.data}/index.json"):
@@ -530,23 +531,25 @@ def run_stage(stage, preset, overrides, root):
             if os.path.exists(f"{run.data}/{split}/index.json"):
                 encode_store(ae, f"{run.data}/{split}", f"{run.out}/{split}")
         return run.out
-    if stage == "video":
-        if "dense" in overrides:
-            raise SystemExit("--dense is set by --strategy (framepack: the dense baseline); do not pass it")
-        makers = {diffusion.DiTConfig: diffusion.dit_config, rollout.RolloutConfig: rollout.rollout_config,
-                  RunConfig: run_config}
-        cfg, roll, run = build(preset, {"data": f"{root}/latents/train", **overrides}, makers)
-        cfg = dataclasses.replace(cfg, dense=roll.dense)  # the input stage the strategy needs
-        run = dataclasses.replace(run, out=run.out or f"{root}/video-{roll.strategy}")
-        return train("video", cfg, run, preset, roll)
-    raise ValueError(stage)
+    cfg, roll, run = configs  # video
+    return train("video", cfg, run, preset, roll)
+
+
+STRATEGIES = ("millivid", "framepack", "fullres")  # the three models of --stage all (Table 1)
 
 
 def run_all(preset, overrides, root):
     """The main job: data -> autoencoder -> encode -> three video models -> evaluation report.
     Every stage resumes (or is skipped when finished), so rerunning continues where it stopped."""
     rank = int(os.environ.get("RANK", 0))
-    maze, = build(preset, prefixed(overrides, "data"), {data.MazeConfig: data.maze_config})
+    # every setting of every stage is checked before any work starts
+    stray = [k for k in overrides if k.split(".")[0] not in ("data", "ae", "video", "eval")]
+    if stray:
+        raise SystemExit(f"--{stray[0]}: with --stage all, give each setting its stage: --data.*, --ae.*, --video.*"
+                         f" or --eval.* (e.g. --ae.{stray[0]}=...)")
+    maze, = build(preset, prefixed(overrides, "data"), {data.MazeConfig: data.maze_config}, "data.")
+    for stage, over in (("ae", {}), *(("video", {"strategy": s}) for s in STRATEGIES), ("eval", {})):
+        stage_configs(stage, preset, {**over, **prefixed(overrides, stage)}, root, f"{stage}.")
     wanted = {k: v for k, v in dataclasses.asdict(maze).items() if k != "workers"}  # what make_maze records
     for store in (f"{root}/data/{split}" for split in ("train", "test")):
         if not os.path.exists(f"{store}/index.json"):
@@ -560,10 +563,10 @@ def run_all(preset, overrides, root):
         dist.barrier()
     run_stage("ae", preset, prefixed(overrides, "ae"), root)
     run_stage("encode", preset, {}, root)
-    for strategy in ("millivid", "framepack", "fullres"):
+    for strategy in STRATEGIES:
         run_stage("video", preset, {"strategy": strategy, **prefixed(overrides, "video")}, root)
     if rank == 0:
-        cfg, = build(preset, {"root": root, **prefixed(overrides, "eval")}, {evaluate.EvalConfig: evaluate.eval_config})
+        cfg, = stage_configs("eval", preset, prefixed(overrides, "eval"), root)
         print(f"report: {evaluate.evaluate(cfg)}")
 
 

@@ -4,6 +4,7 @@ import json
 from dataclasses import replace
 import math
 import os
+import time
 
 import imageio
 import numpy as np
@@ -259,3 +260,34 @@ def test_show_writes_png(tmp_path):
     data.main(["show", str(tmp_path / "m"), "000/000", "--out", str(tmp_path / "v.png")])
     from PIL import Image
     assert Image.open(tmp_path / "v.png").size == (2 * 256, 8 * 256)
+
+
+def test_interrupted_maze_generation_resumes_video_by_video(tmp_path, monkeypatch):
+    """A killed `data.py maze` keeps its finished videos (not rewritten on the rerun), and the final store
+    equals an uninterrupted one byte for byte; a store begun with other settings is rebuilt."""
+    cfg = data.maze_config("tiny", videos=5, frames=40, context=16, workers=1)
+    data.make_maze(str(tmp_path / "straight"), cfg)
+    write, calls = data._write_maze_video, []
+
+    def killed_after_two(*args):
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed")
+        calls.append(args[1])
+        write(*args)
+    monkeypatch.setattr(data, "_write_maze_video", killed_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        data.make_maze(str(tmp_path / "resumed"), cfg)
+    assert not (tmp_path / "resumed" / "index.json").exists() and calls == ["000/000", "000/001"]
+    monkeypatch.setattr(data, "_write_maze_video", write)
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "resumed").rglob("000/00[01]*")}
+    time.sleep(0.01)
+    data.make_maze(str(tmp_path / "resumed"), cfg)
+    assert len(stamps) == 6 and all(p.stat().st_mtime_ns == t for p, t in stamps.items())  # not rewritten
+    files = sorted(p.relative_to(tmp_path / "straight") for p in (tmp_path / "straight").rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(tmp_path / "resumed") for p in (tmp_path / "resumed").rglob("*")
+                           if p.is_file() and p.name != ".lock")
+    for f in files:
+        assert (tmp_path / "straight" / f).read_bytes() == (tmp_path / "resumed" / f).read_bytes(), f
+    data.make_maze(str(tmp_path / "resumed"), data.maze_config("tiny", videos=3, frames=40, context=16, workers=1))
+    assert sorted(data.load_index(str(tmp_path / "resumed"))) == ["000/000", "000/001", "000/002"]
+    assert not (tmp_path / "resumed" / "000" / "004.frames").exists()  # rebuilt, nothing stale kept

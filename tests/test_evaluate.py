@@ -298,7 +298,7 @@ def test_protocol_and_report_write_every_output(tmp_path, lpips_random):
     assert (row["hold"]["rollout_steps"], row["hold"]["network_evals"]) == (16, 800)
     assert row["random latents"]["reference"] and row["random latents"]["rollout_steps"] is None
     text = open(md).read()
-    assert "| millivid | **100.00** |" in text and "random latents (reference)" in text
+    assert "| millivid | **100.00 ± 0.00** |" in text and "random latents (reference)" in text
     assert text.count("unavailable (needs weights:") == 4
     with open(os.path.join(out, "per_frame.csv")) as f:
         lines = f.read().splitlines()
@@ -354,3 +354,18 @@ def test_bad_protocol_inputs_get_clear_errors():
         ev.evaluate_videos(ev.eval_config("tiny", context=C, total=F, buckets=()), keys, load, fake_decode, [short])
     with pytest.raises(ValueError, match="test video 000/000: 24 frames, evaluation needs total=30"):
         ev.evaluate_videos(ev.eval_config("tiny", context=C, total=30, buckets=()), keys, load, fake_decode, [])
+
+
+def test_bold_only_where_the_lead_exceeds_the_spread_and_the_reading_line():
+    """Mean ± standard error over videos; no bold cell where the two best models' spreads overlap."""
+    def results(a, b, random):  # per-frame PSNR (V=4 videos, K=2 offsets) of two models and the references
+        rows = [ev.Row(name, {"psnr": np.array(v, float)}, ["0", "1", "2", "3"], ref)
+                for name, v, ref in (("a", a, False), ("b", b, False), ("random latents", random, True))]
+        return ev.Results(rows, context=8, buckets=[(1, 1), (2, 2)])
+    noisy = ev.results_markdown(ev.summarize(results([[20, 20], [22, 22], [24, 24], [26, 26]],
+                                                     [[21, 21], [23, 23], [25, 25], [27, 27]], [[30, 30]] * 4)))
+    assert "**" not in noisy and "| b | 24.00 ± 1.29 |" in noisy  # se = std([21, 23, 25, 27]) / 2
+    assert "no model is above the random-latents reference anywhere" in noisy
+    clear = ev.results_markdown(ev.summarize(results([[20, 20]] * 4, [[30, 31]] * 4, [[25, 25]] * 4)))
+    assert "| b | **30.00 ± 0.00** | **31.00 ± 0.00** |" in clear and "| a | 20.00 ± 0.00 |" in clear
+    assert "above the random-latents reference somewhere: b." in clear

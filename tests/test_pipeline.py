@@ -11,7 +11,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def run(*args):
     done = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args], capture_output=True,
-                          text=True, timeout=900, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                          text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})  # no wall-clock limit: CI may be busy
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done.stdout
 

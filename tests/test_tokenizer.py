@@ -293,7 +293,8 @@ def test_levels_command_scores_each_level_and_writes_the_figure(tmp_path, capsys
     direct = -10 * torch.log10((images[2] - x).square().mean()).item()
     assert abs(psnr[2] - direct) < 1e-6
     from PIL import Image
-    assert Image.open(image).size == (4 * 32, 4 * 32)  # (1 + levels) columns, 2 rows per checkpoint
+    # (1 + levels) columns, 2 rows per checkpoint, 32-pixel frames enlarged 4x, a 14-pixel caption bar
+    assert Image.open(image).size == (4 * 32 * 4, 4 * 32 * 4 + 14)
 
 
 def test_checkpoints_load_themselves_and_old_formats_are_refused(tiny, tmp_path):

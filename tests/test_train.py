@@ -2,6 +2,7 @@
 and the gather that turns a chunk of latents into a rollout step's token sequence."""
 import dataclasses
 import json
+import re
 
 import numpy as np
 import pytest
@@ -104,7 +105,7 @@ def test_step_tokens_read_the_right_latents():
     assert torch.equal(x[:, 1:], torch.stack([gather["frame"], gather["row"], gather["col"]], -1).float())
 
 
-def test_video_inputs_draw_steps_and_actions():
+def test_training_batch_draws_steps_and_actions():
     grids, chunk = [[4, 4], [2, 2], [1, 1]], 37
     steps = rollout.millivid_steps([1, 4, 16], 16, 16)
     gathers = [rollout.step_tokens(s, grids, chunk, dense=False) for s in steps]
@@ -112,11 +113,11 @@ def test_video_inputs_draw_steps_and_actions():
     batch = {"latents": [torch.randn(3, chunk, h * w, 8) for h, w in grids],
              "actions": torch.arange(chunk).repeat(3, 1)}
     torch.manual_seed(0)
-    inputs = train.video_inputs(batch, gathers, probs, torch.device("cpu"))
+    inputs = rollout.training_batch(batch, gathers, probs, torch.device("cpu"))
     assert inputs["x"].shape == (3, 64, 8)  # tiny budget: 64 tokens per step
     assert torch.equal(inputs["action"], inputs["frame"])  # action of each token's own frame
     torch.manual_seed(0)
-    drawn = torch.multinomial(probs, 3, replacement=True).tolist()  # the same draw as video_inputs made
+    drawn = torch.multinomial(probs, 3, replacement=True).tolist()  # the same draw as training_batch made
     expected = torch.stack([gathers[s]["role"] == rollout.DENOISED for s in drawn])
     assert inputs["denoised"].dtype == torch.bool and expected.any() and not expected.all()
     assert torch.equal(inputs["denoised"], expected)  # the drawn step's DENOISED tokens, nothing else
@@ -153,7 +154,7 @@ def test_latent_store_and_chunk_dataset(tmp_path):
     (tmp_path / "index.json").write_text(json.dumps({k: len(v[0]) for k, v in levels.items()}))  # encode writes it
     np.testing.assert_array_equal(tokenizer.read_latents(str(tmp_path), "a/0", 1, 2, 5),
                                   levels["a/0"][1][2:5].astype(np.float16))
-    ds = train.ChunkDataset(str(tmp_path), ["a/0", "a/1"], chunk_frames=3)
+    ds = rollout.ChunkDataset(str(tmp_path), ["a/0", "a/1"], chunk_frames=3)
     assert len(ds) == (6 - 3 + 1) + (4 - 3 + 1)
     item = ds[5]                                       # second chunk of a/1
     assert item["key"] == "a/1" and item["start"] == 1
@@ -161,7 +162,7 @@ def test_latent_store_and_chunk_dataset(tmp_path):
     torch.testing.assert_close(item["latents"][1],
                                torch.from_numpy(levels["a/1"][1][1:4].astype(np.float16).astype(np.float32)))
     assert item["actions"].tolist() == [1, 2, 0] and item["actions"].dtype == torch.long
-    assert len(train.ChunkDataset(str(tmp_path), ["a/0"], 3, levels=[1])[0]["latents"]) == 1
+    assert len(rollout.ChunkDataset(str(tmp_path), ["a/0"], 3, levels=[1])[0]["latents"]) == 1
 
 
 # ----------------------------------------------------------------------------- whole runs on the tiny preset
@@ -254,3 +255,33 @@ torch.save(model.state_dict(), {str(tmp_path)!r} + f"/rank{{os.environ['RANK']}}
     assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
     fresh = tokenizer.HierarchicalAutoencoder(tokenizer.ae_config("tiny")).state_dict()
     assert any(not torch.equal(rank0[k], fresh[k]) for k in rank0 if "weight" in k)
+
+
+# ----------------------------------------------------------------------------- a user's first commands
+
+def test_every_setting_of_every_stage_is_checked_before_any_work(tmp_path, capsys):
+    root = str(tmp_path / "run")
+    for argv, flag in ((["--stpes=5"], "--stpes: with --stage all, give each setting its stage"),
+                       (["--eval.num_video=2"], "--eval.num_video: unknown setting"),
+                       (["--ae.steps=0"], r"error in --ae.\*: AEConfig.steps = 0: expected >= 1"),
+                       (["--video.lr=nan"], r"error in --video.\*: DiTConfig.lr = nan"),
+                       (["--eval.sampling_steps=0"], "error in --eval.*: EvalConfig: expected"),
+                       (["--video.heads=5"], "DiTConfig.width = 48: expected divisible by 6 .* and by heads=5")):
+        with pytest.raises(SystemExit, match=flag):
+            train.main(["--stage", "all", "--preset", "tiny", f"--root={root}", *argv])
+        assert not os.path.exists(root), argv  # refused before any work: not even a folder
+    with pytest.raises(SystemExit) as done:
+        train.main(["--help", "--preset", "tiny"])
+    text = capsys.readouterr().out
+    assert done.value.code == 0 and "--stage ae" in text and "--stage all" in text
+    assert "  --steps=800  optimizer steps" in text and "  --frames_per_level=1,4,16  MilliVid W_l" in text
+
+
+def test_training_log_lines_show_position_rate_and_eta(tmp_path, capsys):
+    frames = str(tmp_path / "frames")
+    data.make_maze(frames, data.maze_config("tiny", videos=2, workers=1), "train")
+    cfg = tokenizer.ae_config("tiny", steps=4, batch_size=4)
+    train.train("ae", cfg, dataclasses.replace(quiet_run(tmp_path / "ae", frames), log_every=2), "tiny")
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step")]
+    assert len(lines) == 2 and "steps 2/4 (50%)" in lines[0] and "steps 4/4 (100%)" in lines[1]
+    assert all(re.search(r"/s, eta \d\d:\d\d:\d\d$", line) for line in lines)
