@@ -15,6 +15,7 @@ grid world); the top-down map and video writer of `show` and evaluate.py; atomic
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import math
@@ -398,12 +399,16 @@ def _write_maze_video(out: str, key: str, cfg: MazeConfig, world: np.ndarray, po
     _save_npy(os.path.join(out, f"{key}.npy"), poses)
 
 
-def _map(fn, jobs: list[tuple], workers: int) -> list:
-    """[fn(*job) for job in jobs], across `workers` processes when > 1."""
-    if workers <= 1:
-        return [fn(*j) for j in jobs]
-    with Pool(workers) as pool:
-        return pool.starmap(fn, jobs, chunksize=max(1, len(jobs) // (8 * workers)))
+def _map(fn, jobs: list[tuple], workers: int, what: str = "") -> list:
+    """[fn(*job) for job in jobs], across `workers` processes when > 1, in tenths; `what`: a progress line each."""
+    out, t0 = [], time.perf_counter()
+    with Pool(workers) if workers > 1 else contextlib.nullcontext() as pool:
+        for part in np.array_split(np.arange(len(jobs)), min(10, len(jobs)) or 1):
+            out += pool.starmap(fn, [jobs[i] for i in part]) if pool else [fn(*jobs[i]) for i in part]
+            if what and out:
+                eta = (time.perf_counter() - t0) / len(out) * (len(jobs) - len(out))
+                print(f"{what}: {len(out)}/{len(jobs)} ({100 * len(out) // len(jobs)}%), eta {eta:.0f} s", flush=True)
+    return out
 
 
 def make_maze(out: str, cfg: MazeConfig, split: str = "train") -> dict:
@@ -415,7 +420,8 @@ def make_maze(out: str, cfg: MazeConfig, split: str = "train") -> dict:
         raise ValueError(f"split {split!r}, context {cfg.context}: expected 'train' or 'test', 0 < context < frames")
     Path(out, "index.json").unlink(missing_ok=True)    # rewriting a store: unmark it first
     n = cfg.videos if split == "train" else cfg.test_videos
-    plans = _map(_plan, [(cfg, split, i) for i in range(n if split == "train" else cfg.pool * n)], cfg.workers)
+    plans = _map(_plan, [(cfg, split, i) for i in range(n if split == "train" else cfg.pool * n)], cfg.workers,
+                 f"{out}: planning walks")
     if split == "test":
         far = np.argsort([-path_stats(p)["distance"] for _, p, _ in plans], kind="stable")[:n]
         plans = [plans[i] for i in sorted(far)]
@@ -429,7 +435,8 @@ def make_maze(out: str, cfg: MazeConfig, split: str = "train") -> dict:
         shutil.rmtree(out)
     write_json(os.path.join(out, "meta.json"), meta)
     done = lambda k: all(os.path.exists(os.path.join(out, k + ext)) for ext in (".frames", ".npy", ".world.npy"))
-    _map(_write_maze_video, [(out, k, cfg, w, p) for k, (w, p, _) in zip(keys, plans) if not done(k)], cfg.workers)
+    _map(_write_maze_video, [(out, k, cfg, w, p) for k, (w, p, _) in zip(keys, plans) if not done(k)], cfg.workers,
+         f"{out}: rendering videos")
     write_json(os.path.join(out, "index.json"), {k: cfg.frames for k in keys})
     return meta
 
@@ -468,7 +475,7 @@ def prepare(src: str, dst: str, workers: int = 2) -> dict[str, int]:
     if not isinstance(index, dict) or not all(isinstance(v, int) and v > 0 for v in index.values()):
         raise ValueError(f"{src}/index.json: expected {{key: frames > 0}}")
     Path(dst, "index.json").unlink(missing_ok=True)    # rewriting a store: unmark it first
-    sizes = sorted(set(_map(_prepare_one, [(src, dst, k, n) for k, n in sorted(index.items())], workers)))
+    sizes = sorted(set(_map(_prepare_one, [(src, dst, k, n) for k, n in sorted(index.items())], workers, dst)))
     (w, h), *others = sizes
     if others or w != h:                            # every stage assumes one square frame size
         raise ValueError(f"{src}: videos must all have one square size, got (w, h) {sizes}")
@@ -537,13 +544,12 @@ def bench(cfg: MazeConfig) -> None:
     n = sum(len(render(w, p, cfg.size, cfg.fov)) for w, p, _ in plans)
     print(f"render {cfg.size}x{cfg.size}: {n / (time.process_time() - c):,.0f} frames per CPU-second, "
           f"{n / (time.perf_counter() - t):,.0f} frames/s wall, one core")
-    with tempfile.TemporaryDirectory() as tmp:
-        for split, total in (("train", cfg.videos), ("test", cfg.test_videos)):
-            count, t = min(total, 4 * cfg.workers), time.perf_counter()     # a sample, also at paper scale
-            make_maze(os.path.join(tmp, split), replace(cfg, videos=count, test_videos=count), split)
-            dt = (time.perf_counter() - t) / count
-            print(f"generate {split}: {cfg.frames / dt:,.0f} frames/s, {cfg.workers} workers, writing included "
-                  f"({count} videos; all {total} would take {total * dt / 60:.1f} min)")
+    with tempfile.TemporaryDirectory() as tmp:  # generation itself prints its progress and ETA
+        count, t = min(cfg.videos, 4 * cfg.workers), time.perf_counter()    # a sample, also at paper scale
+        make_maze(os.path.join(tmp, "train"), replace(cfg, videos=count), "train")
+        dt = (time.perf_counter() - t) / count
+        print(f"generate train: {cfg.frames / dt:,.0f} frames/s with writing, {cfg.workers} workers ({count} videos; "
+              f"all {cfg.videos}: {cfg.videos * dt / 60:.1f} min)")
         root, rng, t = os.path.join(tmp, "train"), np.random.default_rng(0), time.perf_counter()
         for key, f in zip(rng.choice(sorted(load_index(root)), 2000), rng.integers(cfg.frames, size=2000).tolist()):
             read_frames(root, str(key), f, f + 1)
