@@ -583,10 +583,7 @@ def main(argv=None) -> None:
     over = parse_overrides(rest)
     if a.split == "test" and "videos" in over:
         over["test_videos"] = over.pop("videos")
-    try:
-        print(cfg := maze_config(a.preset, **over))
-    except ValueError as e:
-        p.error(str(e))
+    print(cfg := maze_config(a.preset, **over))
     if a.cmd == "bench":
         return bench(cfg)
     t = time.perf_counter()
@@ -596,4 +593,7 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (OSError, ValueError) as e:  # a bad setting, a missing or malformed file: one line naming it
+        raise SystemExit(f"error: {e}") from None

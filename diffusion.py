@@ -171,7 +171,7 @@ class VideoDiT(nn.Module):
         ckpt = tokenizer.read_checkpoint(path, "video")
         model = cls(DiTConfig(**ckpt["config"]["model"]))
         model.load_state_dict(ckpt["model"])
-        model.source, model.trained_on = ckpt["path"], ckpt["config"].get("latents_ae_sha256")  # provenance
+        model.source = ckpt["path"]  # provenance: the file it came from
         return model.to(device).eval()
 
     def initialize_weights(self):

@@ -86,8 +86,7 @@ def describe(config):
 
 def progress(what, done, total, start):
     """A progress line for logs: position/total, rate and ETA (the `done` items took since `start`)."""
-    elapsed = max(time.perf_counter() - start, 1e-9)
-    left = elapsed / max(done, 1) * (total - done)
+    left = (elapsed := max(time.perf_counter() - start, 1e-9)) / max(done, 1) * (total - done)
     eta = time.strftime("%H:%M:%S", time.gmtime(left)) if left < 86400 else f"{left / 86400:.1f} days"
     return f"{what} {done}/{total} ({100 * done // max(total, 1)}%), {done / elapsed:.2f}/s, eta {eta}"
 
@@ -98,18 +97,16 @@ PSNR_CAP = 100.0  # dB; identical frames (MSE = 0) score this instead of inf, so
 # name -> (label, higher is better); the consistency metrics computed here
 METRICS = {"psnr": ("PSNR", True), "ssim": ("SSIM", True), "lpips": ("LPIPS", False), "maze": ("maze colour", True)}
 # §4 metrics whose networks are not in our dependencies and whose weights cannot be downloaded here
-UNAVAILABLE = {
-    "dino": "DINOv2 CLS cosine: unavailable (needs weights: DINOv2 ViT-L/14, 252x252 crop; not implemented)",
-    "lightglue": "LightGlue matches: unavailable (needs weights: SuperPoint + LightGlue; not implemented)",
-    "fid": "FID: unavailable (needs weights: Inception-v3 pool features; not implemented)",
-    "fvd": "FVD: unavailable (needs weights: I3D on 16-frame clips; not implemented)"}
+UNAVAILABLE = {"dino": "DINOv2 CLS cosine: unavailable (needs weights: DINOv2 ViT-L/14, 252x252 crop; not implemented)",
+               "lightglue": "LightGlue matches: unavailable (needs weights: SuperPoint + LightGlue; not implemented)",
+               "fid": "FID: unavailable (needs weights: Inception-v3 pool features; not implemented)",
+               "fvd": "FVD: unavailable (needs weights: I3D on 16-frame clips; not implemented)"}
 
 
 def to_float(frames, device=None, dtype=torch.float32):
     """(N, H, W, 3) or (H, W, 3) uint8 / float in [0, 1] -> float tensor (N, 3, H, W) in [0, 1]."""
     x = torch.as_tensor(np.ascontiguousarray(frames) if isinstance(frames, np.ndarray) else frames)
-    if x.ndim == 3:
-        x = x[None]
+    x = x[None] if x.ndim == 3 else x
     if x.ndim != 4 or x.shape[-1] != 3:
         raise ValueError(f"frames: expected (N, H, W, 3) channel-last, got shape {tuple(x.shape)}")
     x = x.to(device)  # uint8 crosses to the device before it grows to float
@@ -260,6 +257,7 @@ class Row:
     rollout_steps: int | None = None   # per video (App. A.3)
     network_evals: int | None = None   # per video: rollout steps x sampling steps (x 2 with CFG)
     wall_s: float | None = None        # generation wall time per video, in batches of batch_size
+    trained: str | None = None         # how long the model was trained, and on what
 
 
 @dataclass
@@ -294,7 +292,8 @@ def summarize(results):
                   **{key: {m: dict(zip([f"{a}-{b}" for a, b in results.buckets], fn(r.per_frame[m], results.buckets)))
                            for m in present if m in r.per_frame}
                      for key, fn in (("metrics", bucket_means), ("standard_errors", bucket_spreads))},
-                  "rollout_steps": r.rollout_steps, "network_evals": r.network_evals, "wall_s_per_video": r.wall_s}
+                  "rollout_steps": r.rollout_steps, "network_evals": r.network_evals, "wall_s_per_video": r.wall_s,
+                  "trained": r.trained}
                  for r in results.rows]}
 
 
@@ -312,7 +311,7 @@ def results_markdown(summary):
         if len(ranked) == 1 or len(ranked) > 1 and abs(ranked[0][0] - ranked[1][0]) > ranked[0][1] + ranked[1][1]:
             best[m, b] = ranked[0][0]
     head = [f"{summary['metrics'][m]['label']} {'↑' if summary['metrics'][m]['higher_is_better'] else '↓'} {b}"
-            for m, b in cols] + ["rollout steps", "network evals", "wall s/video"]
+            for m, b in cols] + ["rollout steps", "network evals", "wall s/video", "trained"]
     lines = ["| row | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
     for r in summary["rows"]:
         cells = []
@@ -321,7 +320,7 @@ def results_markdown(summary):
             text = "n/a" if v is None else f"{v:.2f} ± {se:.2f}" if m == "psnr" else f"{v:.3f} ± {se:.3f}"
             cells.append(f"**{text}**" if not r["reference"] and v is not None and v == best.get((m, b)) else text)
         cells += ["—" if r[k] is None else f"{r[k]:.3g}" if k == "wall_s_per_video" else str(r[k])
-                  for k in ("rollout_steps", "network_evals", "wall_s_per_video")]
+                  for k in ("rollout_steps", "network_evals", "wall_s_per_video", "trained")]
         lines.append(f"| {r['name']}{' (reference)' if r['reference'] else ''} | " + " | ".join(cells) + " |")
     text = ["# MilliVid evaluation (paper §4, Table 1)", "",
             f"{summary['rows'][0]['videos'] if summary['rows'] else 0} test videos, context {summary['context']} "
@@ -464,6 +463,7 @@ class Model:
     generate: Callable
     rollout_steps: int | None = None
     network_evals: int | None = None
+    trained: str | None = None  # steps, hours and hardware of its training
 
 
 def evaluate_videos(cfg, keys, load, decode, models, palette=None, lpips_net=None, draw_map=None,
@@ -500,8 +500,7 @@ def evaluate_videos(cfg, keys, load, decode, models, palette=None, lpips_net=Non
             t0 = time.perf_counter()
             with torch.no_grad():
                 out[m.name] = m.generate(visible, actions)
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
+            torch.cuda.synchronize() if torch.cuda.is_available() else None  # (wall time of the work itself)
             wall[m.name] += time.perf_counter() - t0
             if len(out[m.name][0][0]) < n:
                 raise ValueError(f"model {m.name}: generate returned {len(out[m.name][0][0])} frames, expected >= {n}")
@@ -523,7 +522,7 @@ def evaluate_videos(cfg, keys, load, decode, models, palette=None, lpips_net=Non
                 samples.append(Sample(keys[i], {"ground truth": v.frames[:n]} | {
                     m.name: np.concatenate([context, frames[m.name]]) for m in models}, mp, plans))
     rows = [Row(m.name, {k: np.stack(x) for k, x in values[m.name].items()}, list(keys), False,
-                m.rollout_steps, m.network_evals, wall[m.name] / len(keys)) for m in models]
+                m.rollout_steps, m.network_evals, wall[m.name] / len(keys), m.trained) for m in models]
     rows += [Row(name, {k: np.stack(x) for k, x in values[name].items()}, list(keys), True)
              for name in ("ground-truth latents", "random latents")]
     why = dict(UNAVAILABLE) | (unavailable or {})
@@ -569,16 +568,17 @@ def evaluate(cfg):
     models = []
     for name in cfg.models:
         net = diffusion.VideoDiT.from_checkpoint(f"{cfg.root}/video-{name}", device)
-        if net.trained_on != made_by:  # its latents came from another autoencoder: this decoder cannot read them
+        record = tokenizer.read_checkpoint(net.source, "video")  # its config, step, training time (memory-mapped)
+        if record["config"].get("latents_ae_sha256") != made_by:  # latents of another autoencoder: unreadable here
             raise SystemExit(f"{net.source}: trained on latents of another autoencoder than {ae.source}; retrain it: "
                              f"python train.py --stage video --strategy={name}")
-        steps, clipped = rollout.strategy_steps(rollout.RolloutConfig.from_checkpoint(f"{cfg.root}/video-{name}"), T0)
+        steps, clipped = rollout.strategy_steps(rollout.RolloutConfig(**record["config"]["rollout"]), T0)
         cost = rollout.figures(steps, T0, cfg.context, cfg.total, clipped, net.cfg.dense, cfg.sampling_steps)
+        trained = f"{record['step']} steps, {record.get('seconds', 0) / 3600:.2f} h, {record.get('device', '?')}"
         models.append(Model(name, rollout_of(net, steps, clipped), cost["rollout_steps"],
-                            cost["nfe"] * (1 if cfg.cfg_scale == 1 else 2)))  # CFG doubles the evaluations
+                            cost["nfe"] * (1 if cfg.cfg_scale == 1 else 2), trained))  # CFG: twice the evaluations
     lpips_net, why = tokenizer.lpips_net("alex") if cfg.lpips else (None, "LPIPS: switched off (--lpips=false)")
-    with open(os.path.join(frames_dir, "meta.json")) as f:
-        palette = data.PALETTE if json.load(f).get("source") == "maze" else None
+    palette = data.PALETTE if json.load(open(f"{frames_dir}/meta.json")).get("source") == "maze" else None
     keys = sorted(data.load_index(frames_dir))[:cfg.num_videos]
     results = evaluate_videos(cfg, keys, load, decode, models, palette, lpips_net, data.draw_map,
                               {"lpips": why} if why else None, device,

@@ -355,6 +355,7 @@ def train_loop(stage, cfg, run, preset, roll, rank, world, device, signals):
         step = ckpt["step"]
         if master:
             print(f"resumed from {ckpt['path']} at step {step}")
+    seconds = ckpt.get("seconds", 0.0) if step else 0.0  # training time so far, kept in every checkpoint
     if step >= cfg.steps:
         return model
 
@@ -375,6 +376,7 @@ def train_loop(stage, cfg, run, preset, roll, rank, world, device, signals):
         worker_init_fn=ignore_signals)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     t0, seen, t_start, start_step = time.time(), 0, time.perf_counter(), step
+    hardware = f"{world} x {torch.cuda.get_device_name(device) if device.type == 'cuda' else device.type}"
     first_bad = torch.tensor(-1, device=device)  # the first step with a non-finite loss or gradient norm
     model.train()
     for batch in loader:
@@ -421,7 +423,8 @@ def train_loop(stage, cfg, run, preset, roll, rank, world, device, signals):
         if master and (step % run.ckpt_every == 0 or step == cfg.steps or stop):
             path = save_checkpoint(run.out, step, {"model": model.state_dict(), "step": step,
                                                    "optimizers": [o.state_dict() for o in optimizers],
-                                                   "config": resolved}, run.keep)
+                                                   "config": resolved, "device": hardware,
+                                                   "seconds": seconds + time.perf_counter() - t_start}, run.keep)
         if stop:
             if world > 1:
                 dist.barrier()
@@ -525,6 +528,8 @@ def run_stage(stage, preset, overrides, root):
         ae, (run,) = overrides.get("ae") or tokenizer.newest_checkpoint(f"{root}/ae"), configs
         if not ae:
             raise SystemExit(f"no autoencoder checkpoint in {root}/ae: run --stage ae first or pass --ae=PATH")
+        if not any(os.path.exists(f"{d}/index.json") for d in (run.data, f"{run.data}/train", f"{run.data}/test")):
+            raise SystemExit(f"{run.data}: no complete frame store there or in train/, test/ (no index.json)")
         if os.path.exists(f"{run.data}/index.json"):
             encode_store(ae, run.data, run.out)
         for split in ("train", "test"):

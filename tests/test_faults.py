@@ -19,6 +19,7 @@ import evaluate
 import rollout
 import tokenizer
 import train
+from test_train import quiet_run, same_parameters as same  # (the `frames` store: conftest.py)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GRIDS = [[4, 4], [2, 2], [1, 1]]  # the tiny autoencoder's latent grids
@@ -32,24 +33,8 @@ def one_thread():  # runs compared bit for bit across processes use the same thr
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="module")
-def frames(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("frames") / "train")
-    data.make_maze(out, data.maze_config("tiny", videos=4, workers=1), "train")
-    return out
-
-
-def quiet_run(out, store, **fields):
-    return train.RunConfig(**{**dict(out=str(out), data=store, workers=0, log_every=10**6, image_every=10**6,
-                                     ckpt_every=10**6, holdout=0.25), **fields})
-
-
 def ae_config(steps):
     return tokenizer.ae_config("tiny", steps=steps, batch_size=4, warmup=3)
-
-
-def same(a, b):
-    return all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
 
 
 def latent_store(root, videos=4, frames=60, scale=1.0, keys=None):

@@ -178,16 +178,9 @@ import tokenizer
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="module")
-def frames(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("frames") / "train")
-    data.make_maze(out, data.maze_config("tiny", videos=4, workers=1), "train")
-    return out
-
-
-def quiet_run(out, store, **fields):
-    return train.RunConfig(out=str(out), data=store, workers=0, log_every=10**6, image_every=10**6,
-                           ckpt_every=10**6, holdout=0.25, **fields)
+def quiet_run(out, store, **fields):  # a RunConfig that logs and checkpoints only at the end (unless told)
+    return train.RunConfig(**{**dict(out=str(out), data=store, workers=0, log_every=10**6, image_every=10**6,
+                                     ckpt_every=10**6, holdout=0.25), **fields})
 
 
 def same_parameters(a, b):
