@@ -457,8 +457,7 @@ class Video:
 
 @dataclass
 class Model:
-    """A video model ready to roll out: `generate(latents, actions) -> latents`, latents a list per level of
-    (B, F, T_l, C) (frames >= context zeroed in, generated out, >= F frames), actions (B, F) long."""
+    """Ready to roll out: generate(latents per level (B, F, T_l, C), actions (B, F)) -> latents, >= F frames."""
     name: str
     generate: Callable
     rollout_steps: int | None = None
@@ -574,7 +573,8 @@ def evaluate(cfg):
                              f"python train.py --stage video --strategy={name}")
         steps, clipped = rollout.strategy_steps(rollout.RolloutConfig(**record["config"]["rollout"]), T0)
         cost = rollout.figures(steps, T0, cfg.context, cfg.total, clipped, net.cfg.dense, cfg.sampling_steps)
-        trained = f"{record['step']} steps, {record.get('seconds', 0) / 3600:.2f} h, {record.get('device', '?')}"
+        s, on = round(record.get("seconds", 0)), record.get("device", "?")  # training wall time as h:mm:ss
+        trained = f"{record['step']} steps in {s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d} on {on}"
         models.append(Model(name, rollout_of(net, steps, clipped), cost["rollout_steps"],
                             cost["nfe"] * (1 if cfg.cfg_scale == 1 else 2), trained))  # CFG: twice the evaluations
     lpips_net, why = tokenizer.lpips_net("alex") if cfg.lpips else (None, "LPIPS: switched off (--lpips=false)")
