@@ -301,7 +301,6 @@ def train_loop(stage, cfg, run, preset, roll, rank, world, device, signals):
         resolved |= {"rollout": dataclasses.asdict(roll), "latents_ae_sha256": meta.get("ae_sha256")}
     if master:
         print(json.dumps(resolved, indent=2))
-        data.write_json(os.path.join(run.out, "config.json"), resolved)
 
     torch.manual_seed(run.seed)  # the same initial weights on every rank and in every (re)start
     # data: single random frames for the autoencoder, (video, chunk start) pairs for the video model
@@ -355,6 +354,8 @@ def train_loop(stage, cfg, run, preset, roll, rank, world, device, signals):
         step = ckpt["step"]
         if master:
             print(f"resumed from {ckpt['path']} at step {step}")
+    if master:  # written once the checkpoints are known to agree with it
+        data.write_json(os.path.join(run.out, "config.json"), resolved)
     seconds = ckpt.get("seconds", 0.0) if step else 0.0  # training time so far, kept in every checkpoint
     if step >= cfg.steps:
         return model

@@ -105,6 +105,7 @@ def test_video_stage_refuses_an_incomplete_store_and_a_resume_with_other_setting
     train.train("video", cfg(), quiet_run(tmp_path / "video", store), "tiny", roll)
     with pytest.raises(SystemExit, match=r"made with other settings \(lr\)"):
         train.train("video", cfg(steps=4, lr=5e-4), quiet_run(tmp_path / "video", store), "tiny", roll)
+    assert json.load(open(tmp_path / "video" / "config.json"))["model"]["lr"] == 1e-3  # still the run's own
     os.remove(os.path.join(store, "index.json"))
     with pytest.raises(SystemExit, match="no complete latent store.*--stage encode"):
         train.train("video", cfg(), quiet_run(tmp_path / "other", store), "tiny", roll)
