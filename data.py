@@ -48,14 +48,23 @@ class MazeConfig:
     lowest: int = 10           # ... one picked uniformly among this many lowest-Chamfer ones
     pool: int = 10             # test videos are the farthest-travelled 1/pool of pool·test_videos (10,000 -> 1,000)
     fov: float = 70.0          # horizontal = vertical field of view, degrees (Minecraft's default 70)
+    walk: str = "loopcraft"    # loopcraft | spin (one turn direction held: 360° = 36 frames) | revisit (out
+                               # `leg` cells, turn back, return, turn: a view comes back every 18·leg + 36 frames)
+    leg: int = 8               # revisit: cells walked out before turning back (memory probe, evaluate.py)
     seed: int = 0                 # worlds and walks are a pure function of (seed, split, video)
     workers: int = os.cpu_count() or 1   # generation processes (the bytes do not depend on it)
+
+    def __post_init__(self):
+        if self.walk not in ("loopcraft", "spin", "revisit") or self.leg < 1:
+            raise ValueError(f"MazeConfig: walk={self.walk!r}, leg={self.leg}: expected loopcraft, spin or revisit, leg >= 1")
 
 
 # The evaluated split of a video, [context, frames), is stated here only: evaluate.py and rollout.py read it.
 PRESETS = {"paper": {},
            "toy": dict(size=64, frames=384, context=128, videos=1000, test_videos=64, world=32),
-           "tiny": dict(size=32, frames=96, context=32, videos=32, test_videos=8, world=16)}
+           "tiny": dict(size=32, frames=96, context=32, videos=32, test_videos=8, world=16),
+           # spin: the memory probe on a CPU (evaluate.py): tiny's videos, spinning; every test video is a probe
+           "spin": dict(size=32, frames=96, context=32, videos=256, test_videos=32, world=16, walk="spin", pool=1)}
 
 
 def maze_config(preset: str = "paper", **overrides) -> MazeConfig:
@@ -247,8 +256,11 @@ def _lut(size: int) -> np.ndarray:
     return np.concatenate([tex.reshape(-1, 3), rows]).round().clip(0, 255).astype(np.uint8)
 
 
-def render(world: np.ndarray, poses: np.ndarray, size: int, fov: float = 70.0) -> np.ndarray:
-    """Frames (n, size, size, 3) uint8 seen from poses (n, >=5) [.., x, y, z, yaw, ..] in `world`."""
+def render(world: np.ndarray, poses: np.ndarray, size: int, fov: float = 70.0, faces: bool = False):
+    """Frames (n, size, size, 3) uint8 seen from poses (n, >=5) [.., x, y, z, yaw, ..] in `world`.
+    faces=True adds what the memory probe needs: the wall face each column shows, (n, size) int64 ids
+    4·(row·width + column) + side (0/1: entered across x going +/-, 2/3: across y), and the wall's
+    pixels (n, size, size) bool."""
     n, f = len(poses), math.tan(math.radians(fov) / 2)
     th = np.radians(poses[:, 4].astype(np.float64))
     cam = (2 * (np.arange(size) + 0.5) / size - 1) * f               # screen x, left to right
@@ -264,6 +276,7 @@ def render(world: np.ndarray, poses: np.ndarray, size: int, fov: float = 70.0) -
     tx = np.where(rdx < 0, px - mx, mx + 1 - px) * ddx               # ray length to the next x line
     ty = np.where(rdy < 0, py - my, my + 1 - py) * ddy
     dist, wall, yside = np.empty(n * size), np.empty(n * size, np.int64), np.empty(n * size, bool)
+    face = np.empty(n * size, np.int64)
     ray = np.arange(n * size)
     while ray.size:                                 # DDA: step to the nearer grid line until a wall
         across_x = tx < ty
@@ -273,6 +286,8 @@ def render(world: np.ndarray, poses: np.ndarray, size: int, fov: float = 70.0) -
         cell = world[my, mx]
         hit = cell > 0
         dist[ray[hit]], wall[ray[hit]], yside[ray[hit]] = t[hit], cell[hit], ~across_x[hit]
+        side = np.where(across_x, sx < 0, 2 + (sy < 0))
+        face[ray[hit]] = ((my * world.shape[1] + mx) * 4 + side)[hit]
         keep = ~hit
         ray, mx, my, tx, ty, ddx, ddy, sx, sy = (a[keep] for a in (ray, mx, my, tx, ty, ddx, ddy, sx, sy))
     # texture column u: where along the face the ray hit, mirrored so u runs left to right on screen
@@ -287,7 +302,8 @@ def render(world: np.ndarray, poses: np.ndarray, size: int, fov: float = 70.0) -
     inwall = (v >= 0) & (v < WALL)                                   # (n, size, size)
     texel = base.reshape(n, 1, size).astype(np.int16) + ((v * TEX).astype(np.int16) & (TEX - 1)) * TEX
     rows = (8 * 2 * TEX * TEX + np.arange(size, dtype=np.int16))[None, :, None]
-    return np.take(_lut(size), np.where(inwall, texel, rows), axis=0)  # 4x faster than lut[index] here
+    frames = np.take(_lut(size), np.where(inwall, texel, rows), axis=0)  # 4x faster than lut[index] here
+    return (frames, face.reshape(n, size), inwall) if faces else frames
 
 
 # --------------------------------- frame store: KEY.frames = uint64 offsets[frames + 1], PNGs; KEY.npy poses
@@ -387,9 +403,15 @@ def _plan(cfg: MazeConfig, split: str, i: int):
     rng = np.random.default_rng([cfg.seed, ("train", "test").index(split), i])
     world = make_world(rng, cfg.world, cfg.density)
     start = start_state(rng, world)
-    poses = simulate(world, random_walk(rng, cfg.frames, 1 if split == "train" else cfg.candidates), start)
+    if cfg.walk == "loopcraft":
+        walks = random_walk(rng, cfg.frames, 1 if split == "train" else cfg.candidates)
+    else:                                           # scripted (the memory probe): one random turn direction
+        turn = int(rng.integers(LEFT, RIGHT + 1))
+        walks = np.resize([turn] if cfg.walk == "spin" else [FORWARD] * HOLD * cfg.leg + [turn] * 2 * HOLD,
+                          (1, cfg.frames))
+    poses = simulate(world, walks, start)
     d = chamfer(poses[..., 1:3], cfg.context)
-    pick = 0 if split == "train" else int(np.argsort(d, kind="stable")[rng.integers(cfg.lowest)])
+    pick = 0 if len(d) == 1 else int(np.argsort(d, kind="stable")[rng.integers(cfg.lowest)])
     return world, poses[pick], float(d[pick])
 
 

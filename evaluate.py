@@ -51,6 +51,8 @@ class EvalConfig:
     fps: int = 20                       # Loopcraft's frame rate
     map_size: int = 128                 # top-down trajectory panel, pixels
     seed: int = 0                       # random-latents pairing
+    train_seeds: tuple = (0,)           # each model trained with these seeds (seed k > 0: video-<name>-seed<k>)
+    sampling_seeds: tuple = (0,)        # each rollout sampled with these noise seeds
     root: str = "runs/paper"            # the pipeline folder train.py wrote (data/, latents/, video-*/)
     out: str = ""                       # "" = {root}/eval
 
@@ -68,7 +70,14 @@ def _split(preset):  # the preset's [context, total): data.py states it once for
 
 
 PRESETS = {"paper": _split("paper"), "toy": dict(num_videos=32, batch_size=16, **_split("toy")),
-           "tiny": dict(num_videos=8, batch_size=4, sampling_steps=20, num_samples=2, **_split("tiny"))}
+           "tiny": dict(num_videos=8, batch_size=4, sampling_steps=20, num_samples=2, **_split("tiny")),
+           "spin": dict(num_videos=32, batch_size=16, sampling_steps=20, num_samples=2, train_seeds=(0, 1),
+                        sampling_seeds=(0, 1), **_split("spin"))}
+
+
+def video_folder(root, strategy, seed=0):
+    """Where train.py puts a video model: {root}/video-<strategy>, and -seed<k> for training seed k > 0."""
+    return f"{root}/video-{strategy}" + (f"-seed{seed}" if seed else "")
 
 
 def eval_config(preset="paper", **overrides):

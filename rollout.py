@@ -73,6 +73,7 @@ PRESETS = {"paper": {},
            # tiny: T_0 = 16, 64 tokens per step
            "tiny": dict(frames_per_level=W_TINY, extra_budget=16, framepack_denoised=1, framepack_context=W_TINY,
                         framepack_mirrored=W_TINY, fullres_frames=4)}
+PRESETS["spin"] = PRESETS["tiny"]  # the memory probe on a CPU: tiny's tokens
 
 
 def rollout_config(preset="paper", **overrides) -> RolloutConfig:

@@ -64,7 +64,8 @@ class RunConfig:
 
 # logging / checkpoint cadence per preset; `tiny` loads data in-process (CPU tests)
 PRESETS = {"paper": {}, "toy": dict(image_every=500, ckpt_every=500),
-           "tiny": dict(log_every=10, image_every=100, ckpt_every=100, workers=0)}
+           "tiny": dict(log_every=10, image_every=100, ckpt_every=100, workers=0),
+           "spin": dict(log_every=100, image_every=500, ckpt_every=500, workers=0)}
 
 
 def run_config(preset="paper", **overrides):
@@ -329,7 +330,7 @@ def train_loop(stage, cfg, run, preset, roll, rank, world, device, signals):
     if master:
         print(f"{stage}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, "
               f"{len(dataset)} training items, device {device}, world {world}")
-        if device.type == "cpu" and preset != "tiny":  # the log lines' ETA will say how long, in hours
+        if device.type == "cpu" and preset not in ("tiny", "spin"):  # the log lines' ETA will say how long, in hours
             print(f"note: --preset {preset} is sized for a GPU; on this CPU it runs many hours. --preset tiny "
                   "runs the whole pipeline here in minutes")
     # DDP only syncs gradients of what runs through forward(): the autoencoder's forward is its loss,
@@ -542,6 +543,7 @@ def run_stage(stage, preset, overrides, root):
 
 
 STRATEGIES = ("millivid", "framepack", "fullres")  # the three models of --stage all (Table 1)
+video_folder = evaluate.video_folder
 
 
 def run_all(preset, overrides, root):
@@ -554,7 +556,10 @@ def run_all(preset, overrides, root):
         raise SystemExit(f"--{stray[0]}: with --stage all, give each setting its stage: --data.*, --ae.*, --video.*"
                          f" or --eval.* (e.g. --ae.{stray[0]}=...)")
     maze, = build(preset, prefixed(overrides, "data"), {data.MazeConfig: data.maze_config}, "data.")
-    for stage, over in (("ae", {}), *(("video", {"strategy": s}) for s in STRATEGIES), ("eval", {})):
+    evaluation, = stage_configs("eval", preset, prefixed(overrides, "eval"), root, "eval.")
+    videos = [{"strategy": s, "seed": k, "out": video_folder(root, s, k)} for k in evaluation.train_seeds
+              for s in STRATEGIES]  # every model of the report, each training seed in its own folder
+    for stage, over in (("ae", {}), *(("video", v) for v in videos)):
         stage_configs(stage, preset, {**over, **prefixed(overrides, stage)}, root, f"{stage}.")
     wanted = {k: v for k, v in dataclasses.asdict(maze).items() if k != "workers"}  # what make_maze records
     for store in (f"{root}/data/{split}" for split in ("train", "test")):
@@ -569,11 +574,10 @@ def run_all(preset, overrides, root):
         dist.barrier()
     run_stage("ae", preset, prefixed(overrides, "ae"), root)
     run_stage("encode", preset, {}, root)
-    for strategy in STRATEGIES:
-        run_stage("video", preset, {"strategy": strategy, **prefixed(overrides, "video")}, root)
+    for video in videos:
+        run_stage("video", preset, {**video, **prefixed(overrides, "video")}, root)
     if rank == 0:
-        cfg, = stage_configs("eval", preset, prefixed(overrides, "eval"), root)
-        print(f"report: {evaluate.evaluate(cfg)}")
+        print(f"report: {evaluate.evaluate(evaluation)}")
 
 
 def main(argv):
