@@ -71,7 +71,7 @@ PRESETS = {
     # tiny: 16/4/1 tokens per level, 64-token steps; CPU tests
     "tiny": dict(depth=2, width=48, heads=2, batch_size=16, steps=400, warmup=40, **_latents("tiny")),
     # spin: tiny's tokens, a 4 x 144 DiT (1.6 M parameters) that learns to follow a turn
-    "spin": dict(depth=4, width=144, heads=4, batch_size=16, steps=3000, warmup=200, **_latents("spin")),
+    "spin": dict(depth=4, width=144, heads=4, batch_size=16, steps=4000, warmup=200, **_latents("spin")),
 }
 
 

@@ -51,6 +51,8 @@ class EvalConfig:
     fps: int = 20                       # Loopcraft's frame rate
     map_size: int = 128                 # top-down trajectory panel, pixels
     seed: int = 0                       # random-latents pairing
+    gate: float = 0.75                  # memory probe: compare memory once every model's colour agreement on
+                                        # pixels all can see reaches this fraction of the ground-truth latents' agreement
     train_seeds: tuple = (0,)           # each model trained with these seeds (seed k > 0: video-<name>-seed<k>)
     sampling_seeds: tuple = (0,)        # each rollout sampled with these noise seeds
     root: str = "runs/paper"            # the pipeline folder train.py wrote (data/, latents/, video-*/)
@@ -254,6 +256,99 @@ def decode_frames(decode, z, level=0, device=None, chunk=64):
         return np.concatenate([tokenizer.to_uint8(decode(z[i:i + chunk], level)) for i in range(0, len(z), chunk)])
 
 
+# ----------------------------------------------------------------------------- the memory probe
+
+# Ordinary metrics cannot see memory: most of a rollout shows what was just seen (carried forward) or what
+# nobody saw. The probe scores each generated wall pixel by what the compared strategies can know of it
+# (rollout.knowledge over the maze's visible faces): its face is knowable to all of them, only to
+# MilliVid (content beyond the baselines' reach), or to none (a control: every model should be at chance).
+CATEGORIES = ("seen by all", "MilliVid only", "seen by none")
+
+
+def probe_categories(plans, face, wall, seen, context):
+    """One test video's pixel categories and swap control. plans: {strategy: (steps, num_clipped)}; face:
+    (F, W) the wall face each column shows; wall: (F, H, W) its pixels; seen: per frame, its faces.
+    Returns (int8 (K, H, W): each generated pixel's index in CATEGORIES, -1 for floor, sky and the rest;
+    the swap: context frames showing no face seen by all). 'MilliVid only' counts only content the swap
+    removes from MilliVid's reach, so the control must drop it to chance and leave 'seen by all' as is."""
+    n = len(face)
+    knows = lambda plan, seen: np.array([[f in k for f in row] for k, row in zip(  # (K, W) bool
+        rollout.knowledge(plan[0], context, n, seen, plan[1])["known"], face[context:])], bool)
+    can = {s: knows(p, seen) for s, p in plans.items()}
+    every, some = np.logical_and.reduce(list(can.values())), np.logical_or.reduce(list(can.values()))
+    common = set(face[context:][every].tolist())
+    swap = [f for f in range(context) if not seen[f] & common]
+    only = can.get("millivid", ~every) & ~np.logical_or.reduce(
+        [c for s, c in can.items() if s != "millivid"] or [np.zeros_like(every)])
+    if "millivid" in plans:  # knowable from a swapped frame only
+        only &= ~knows(plans["millivid"], [set() if f in swap else s for f, s in enumerate(seen)])
+    cat = np.select([every, only, ~some], [0, 1, 2], -1)[:, None, :]  # (K, 1, W): a column's pixels share it
+    return np.where(wall[context:], cat, -1).astype(np.int8), swap
+
+
+def probe_sums(frames, truth, cat, palette):
+    """Per category and generated offset: [matching base colours, pixels, squared error] -> (3, C, K)."""
+    match = (palette_classes(frames, palette) == palette_classes(truth, palette)).numpy()  # (K, H, W)
+    err = ((frames.astype(np.float64) - truth) / 255) ** 2                                # (K, H, W, 3)
+    return np.stack([np.stack([((cat == c) * x).reshape(len(cat), -1).sum(1) for c in range(len(CATEGORIES))])
+                     for x in (match, np.ones_like(match), err.mean(-1))])
+
+
+def probe_summary(sums):
+    """{row: [per video (3, C, K) sums]} -> per row and category: colour agreement and PSNR, mean ± standard
+    error over videos, and the category's share of the scored pixels."""
+    out = {}
+    for name in sums:
+        s = np.stack(sums[name]).sum(-1)                                  # (V, 3, C) over offsets
+        with np.errstate(invalid="ignore", divide="ignore"):
+            colour, psnr_ = s[:, 0] / s[:, 1], 10 * np.log10(s[:, 1] / s[:, 2])  # (V, C)
+        se = lambda x: float(np.nanstd(x, ddof=1) / np.sqrt(np.isfinite(x).sum())) if np.isfinite(x).sum() > 1 else 0.0
+        out[name] = {c: dict(colour=float(np.nanmean(colour[:, i])), colour_se=se(colour[:, i]),
+                             psnr=float(np.nanmean(psnr_[:, i])), psnr_se=se(psnr_[:, i]),
+                             share=float(s[:, 1, i].sum() / s[:, 1].sum())) for i, c in enumerate(CATEGORIES)}
+    return out
+
+
+def probe_markdown(probe):
+    """The memory probe's section of results.md: the table, the swap control, the verdict."""
+    rows, models = probe["rows"], probe["models"]
+    head = [f"{metric} {c}" for metric in ("colour", "PSNR") for c in CATEGORIES]
+    lines = ["## Memory probe", "", "Each generated wall pixel is scored by what the compared strategies can know of "
+             "its wall face from the ground-truth context (rollout.knowledge): " + ", ".join(
+                 f"*{c}* {100 * rows['ground-truth latents'][c]['share']:.1f}%" for c in CATEGORIES) + " of the pixels. "
+             "Colour: agreement of base-colour classes (chance ≈ 1/8); mean ± standard error over videos. "
+             f"Swap control (*swap* rows): per video, the context frames that show no face of a *seen by all* pixel "
+             f"(mean {np.mean(probe['swapped_context_frames']):.1f} frames) replaced by another video's; *MilliVid only* "
+             "counts only content the swap takes from MilliVid.", "",
+             "| row | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
+    for name, r in rows.items():
+        cells = [f"{r[c][k]:.{d}f} ± {r[c][k + '_se']:.{d}f}" for k, d in (("colour", 3), ("psnr", 2)) for c in CATEGORIES]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines + ["", probe_verdict(rows, models, probe["gate"]), ""]
+
+
+def probe_verdict(summary, models, gate):
+    """Plain language: is the memory effect confirmed, refuted, or not measurable at this scale, and why."""
+    g = summary.get("ground-truth latents", {}).get(CATEGORIES[0], {}).get("colour", float("nan"))
+    low = [m for m in models if not summary[m][CATEGORIES[0]]["colour"] >= gate * g]
+    if low or "millivid" not in models or len(models) < 2:
+        return (f"Not measurable at this scale: on pixels every model can see, {', '.join(low)} reach(es) less than "
+                f"{gate:g} of the ground-truth latents' colour agreement ({g:.3f})" if low else
+                "Not measurable: the probe compares MilliVid with at least one baseline")
+    m, mem = summary["millivid"][CATEGORIES[1]], CATEGORIES[1]
+    lead = [b for b in models if b != "millivid" and m["colour"] - summary[b][mem]["colour"]
+            > m["colour_se"] + summary[b][mem]["colour_se"]]
+    swap = summary.get("millivid swap", {}).get(mem)
+    drop = swap is not None and m["colour"] - swap["colour"] > m["colour_se"] + swap["colour_se"]
+    if len(lead) == len(models) - 1 and drop:
+        return (f"Confirmed at this scale: on content only MilliVid can see, its colour agreement {m['colour']:.3f} "
+                "beats every baseline beyond both standard errors, and swapping those context frames for another "
+                f"video's drops it to {swap['colour']:.3f}.")
+    return (f"Not confirmed at this scale: on content only MilliVid can see, its colour agreement {m['colour']:.3f} "
+            f"leads {', '.join(lead) or 'no baseline'} beyond both standard errors; the swap control "
+            + ("removes it." if drop else "does not move it beyond the spread."))
+
+
 # ----------------------------------------------------------------------------- results and report
 
 @dataclass
@@ -288,6 +383,7 @@ class Results:
     unavailable: dict = field(default_factory=dict)  # metric -> why, and how to supply what it needs
     config: dict = field(default_factory=dict)       # resolved EvalConfig and git commit
     fps: int = 20
+    probe: dict = field(default_factory=dict)        # the memory probe: per row [per video (3, C, K) sums], swap
 
 
 def summarize(results):
@@ -303,7 +399,10 @@ def summarize(results):
                      for key, fn in (("metrics", bucket_means), ("standard_errors", bucket_spreads))},
                   "rollout_steps": r.rollout_steps, "network_evals": r.network_evals, "wall_s_per_video": r.wall_s,
                   "trained": r.trained}
-                 for r in results.rows]}
+                 for r in results.rows],
+        "probe": results.probe and {"swapped_context_frames": results.probe["swap"], "models": results.probe["models"],
+                                    "gate": results.config.get("gate", 0.75),
+                                    "rows": probe_summary(results.probe["sums"])}}
 
 
 def results_markdown(summary):
@@ -335,7 +434,8 @@ def results_markdown(summary):
             f"{summary['rows'][0]['videos'] if summary['rows'] else 0} test videos, context {summary['context']} "
             "frames; each metric is averaged over videos per generated-frame offset, then over the offsets of "
             f"each bucket. PSNR of identical frames is capped at {PSNR_CAP:g} dB.", ""]
-    text += lines + ["", interpretation(summary, models), "", "## Not measured", ""]
+    text += lines + ["", interpretation(summary, models), ""] + (probe_markdown(summary["probe"]) if summary.get(
+        "probe") else []) + ["## Not measured", ""]
     text += [f"- {why}" for why in summary["unavailable"].values()] or ["- (everything was measured)"]
     text += ["", "Beside this file: `results.json`, `per_frame.csv`, `consistency.png` (Fig. 4), `videos/` "
              "(Fig. 3) and `plans/` (each level decoded alone).", "",
@@ -466,28 +566,33 @@ class Video:
 
 @dataclass
 class Model:
-    """Ready to roll out: generate(latents per level (B, F, T_l, C), actions (B, F)) -> latents, >= F frames."""
+    """Ready to roll out: generate(latents per level (B, F, T_l, C), actions (B, F), seed) -> latents, >= F frames."""
     name: str
     generate: Callable
     rollout_steps: int | None = None
     network_evals: int | None = None
     trained: str | None = None  # steps, hours and hardware of its training
+    strategy: str | None = None  # its rollout strategy (the memory probe pools training seeds by it)
+    steps: tuple = ()            # (rollout.Step list, num_clipped): what the probe's bookkeeping follows
 
 
 def evaluate_videos(cfg, keys, load, decode, models, palette=None, lpips_net=None, draw_map=None,
-                    unavailable=None, device="cpu", partner_latents=None):
+                    unavailable=None, device="cpu", partner_latents=None, visibility=None):
     """The protocol over `keys` in batches of cfg.batch_size -> Results (then `report` writes it).
     load(key) -> Video; decode(z (n, T_l, C), level) -> (n, 3, H, W) in [0, 1]; models: [Model];
     draw_map(world, poses, split, size) as in data.py. Latents, actions and metrics live on `device`.
     partner_latents(key) -> level-0 latents of frames [context, total), all the random-latents row
-    reads of its partner video (default: via load). The first cfg.num_samples videos become samples."""
+    reads of its partner video (default: via load). The first cfg.num_samples videos become samples.
+    Each model rolls out once per sampling seed; a video's metrics are the mean over seeds.
+    visibility(video) -> (face (F, W), wall (F, H, W), faces per frame) turns on the memory probe."""
     c, n, K = cfg.context, cfg.total, cfg.total - cfg.context
     if not 0 < c < n:
         raise ValueError(f"EvalConfig: expected 0 < context < total, got context={c}, total={n}")
     partner_latents = partner_latents or (lambda key: load(key).latents[0][c:n])
     buckets, partner = horizon_buckets(K, cfg.buckets), derangement(len(keys), cfg.seed)
     values = {name: {} for name in [m.name for m in models] + ["ground-truth latents", "random latents"]}
-    wall, samples = {m.name: 0.0 for m in models}, []
+    wall, samples, probe, swaps = {m.name: 0.0 for m in models}, [], {}, []
+    plans = {m.strategy: m.steps for m in models}  # what the memory probe's bookkeeping follows
     t_start = time.perf_counter()
     for start in range(0, len(keys), cfg.batch_size):
         if start:
@@ -502,33 +607,54 @@ def evaluate_videos(cfg, keys, load, decode, models, palette=None, lpips_net=Non
                    for l in range(len(videos[0].latents))]  # per level (B, F, T_l, C)
         for z in visible:
             z[:, c:] = 0
+        # the memory probe: each video's pixel categories, and the swap control's context (those frames replaced
+        # by the partner video's), for MilliVid: visibility(video) -> (face, wall, faces per frame)
+        probes = [probe_categories(plans, *visibility(v), c) if visibility else None for v in videos]
+        swaps += [len(p[1]) for p in probes if p]
+        swapped = [z.clone() for z in visible]
+        for b, i in enumerate(batch if visibility else ()):
+            other, swap = load(keys[partner[i]]).latents, probes[b][1]
+            for l, z in enumerate(swapped):
+                z[b, swap] = torch.from_numpy(np.asarray(other[l][swap], np.float32)).to(device)
         actions = torch.from_numpy(np.stack([v.actions[:n] for v in videos])).long().to(device)  # (B, F)
         out = {}
         for m in models:
-            t0 = time.perf_counter()
-            with torch.no_grad():
-                out[m.name] = m.generate(visible, actions)
-            torch.cuda.synchronize() if torch.cuda.is_available() else None  # (wall time of the work itself)
-            wall[m.name] += time.perf_counter() - t0
-            if len(out[m.name][0][0]) < n:
-                raise ValueError(f"model {m.name}: generate returned {len(out[m.name][0][0])} frames, expected >= {n}")
+            for seed in cfg.sampling_seeds:
+                t0 = time.perf_counter()
+                out[m.name, seed] = m.generate(visible, actions, seed)
+                torch.cuda.synchronize() if torch.cuda.is_available() else None  # (wall time of the work itself)
+                wall[m.name] += (time.perf_counter() - t0) / len(cfg.sampling_seeds)
+                if len(out[m.name, seed][0][0]) < n:
+                    raise ValueError(f"model {m.name}: generate returned {len(out[m.name, seed][0][0])} frames, "
+                                     f"expected >= {n}")
+                if visibility and m.strategy == "millivid":
+                    out[f"{m.name} swap", seed] = m.generate(swapped, actions, seed)
         for b, (i, v) in enumerate(zip(batch, videos)):
             truth = v.frames[c:n]
-            frames = {name: decode_frames(decode, z[0][b, c:n], 0, device) for name, z in out.items()}
+            frames = {(name, seed): decode_frames(decode, z[0][b, c:n], 0, device) for (name, seed), z in out.items()}
             # reference rows: the video's own latents decoded (upper bound), and its partner video's
             # latents at the same frame indices (real frames, no consistency: a lower bound)
-            frames["ground-truth latents"] = decode_frames(decode, v.latents[0][c:n], 0, device)
-            frames["random latents"] = decode_frames(decode, partner_latents(keys[partner[i]]), 0, device)
-            for name, f in frames.items():
-                for metric, x in frame_metrics(f, truth, palette, lpips_net, device).items():
-                    values[name].setdefault(metric, []).append(x)
+            frames["ground-truth latents", 0] = decode_frames(decode, v.latents[0][c:n], 0, device)
+            frames["random latents", 0] = decode_frames(decode, partner_latents(keys[partner[i]]), 0, device)
+            for (name, seed), f in frames.items():
+                if name in values:
+                    for metric, x in frame_metrics(f, truth, palette, lpips_net, device).items():
+                        x = x / (len(cfg.sampling_seeds) if name in wall else 1)  # the mean over sampling seeds
+                        if seed == cfg.sampling_seeds[0]:
+                            values[name].setdefault(metric, []).append(x)
+                        else:
+                            values[name][metric][-1] = values[name][metric][-1] + x
+            if visibility:
+                for name in dict.fromkeys(name for name, _ in frames):  # a video's sums: pooled over seeds
+                    probe.setdefault(name, []).append(sum(probe_sums(f, truth, probes[b][0], palette)
+                                                          for (x, _), f in frames.items() if x == name))
             if i < cfg.num_samples:  # whole videos: the context as the decoder shows it, then the rollout
-                context = decode_frames(decode, v.latents[0][:c], 0, device)
-                plans = {name: [decode_frames(decode, z[l][b, :n], l, device) for l in range(len(z))]
-                         for name, z in out.items() if len(z) > 1}
+                context, first = decode_frames(decode, v.latents[0][:c], 0, device), cfg.sampling_seeds[0]
+                plans_ = {m.name: [decode_frames(decode, z[b, :n], l, device) for l, z in enumerate(out[m.name, first])]
+                          for m in models if len(out[m.name, first]) > 1}
                 mp = None if draw_map is None else (lambda t, v=v: draw_map(v.world, v.poses[:t + 1], c, cfg.map_size))
                 samples.append(Sample(keys[i], {"ground truth": v.frames[:n]} | {
-                    m.name: np.concatenate([context, frames[m.name]]) for m in models}, mp, plans))
+                    m.name: np.concatenate([context, frames[m.name, first]]) for m in models}, mp, plans_))
     rows = [Row(m.name, {k: np.stack(x) for k, x in values[m.name].items()}, list(keys), False,
                 m.rollout_steps, m.network_evals, wall[m.name] / len(keys), m.trained) for m in models]
     rows += [Row(name, {k: np.stack(x) for k, x in values[name].items()}, list(keys), True)
@@ -536,7 +662,16 @@ def evaluate_videos(cfg, keys, load, decode, models, palette=None, lpips_net=Non
     why = dict(UNAVAILABLE) | (unavailable or {})
     if palette is None:
         why["maze"] = "maze colour: not computed (no palette of base colours: Loopcraft has none)"
-    return Results(rows, c, buckets, samples, why, dataclasses.asdict(cfg), cfg.fps)
+    results = Results(rows, c, buckets, samples, why, dataclasses.asdict(cfg), cfg.fps)
+    if visibility:  # training seeds pooled per strategy: a video's sums added over its models
+        for strategy in dict.fromkeys(m.strategy for m in models):
+            names = [m.name for m in models if m.strategy == strategy]
+            for suffix in ("", " swap"):
+                if len(names) > 1 and names[0] + suffix in probe:
+                    probe[strategy + suffix] = [sum(x) for x in zip(*(probe[name + suffix] for name in names))]
+        results.probe = dict(sums=probe, models=list(dict.fromkeys(m.strategy for m in models)),
+                             swap=swaps)
+    return results
 
 
 def evaluate(cfg):
@@ -565,33 +700,42 @@ def evaluate(cfg):
                      poses[:, 0].astype(np.int64), poses, data.load_world(frames_dir, key))
 
     def rollout_of(net, steps, clipped):  # Model.generate: rollout.py's loop, the same noise for every model
-        def generate(latents, actions):
+        def generate(latents, actions, seed):
             with autocast:
                 return rollout.generate(net, steps, latents, actions, cfg.context, cfg.total, grids,
                                         dense=net.cfg.dense, num_clipped=clipped,
                                         sampling_steps=cfg.sampling_steps, cfg_scale=cfg.cfg_scale,
-                                        generator=torch.Generator(device).manual_seed(cfg.seed))
+                                        generator=torch.Generator(device).manual_seed(seed))
         return generate
 
     models = []
-    for name in cfg.models:
-        net = diffusion.VideoDiT.from_checkpoint(f"{cfg.root}/video-{name}", device)
+    for strategy, seed in ((s, k) for k in cfg.train_seeds for s in cfg.models):
+        name = strategy if len(cfg.train_seeds) == 1 else f"{strategy} seed {seed}"
+        net = diffusion.VideoDiT.from_checkpoint(video_folder(cfg.root, strategy, seed), device)
         record = tokenizer.read_checkpoint(net.source, "video")  # its config, step, training time (memory-mapped)
         if record["config"].get("latents_ae_sha256") != made_by:  # latents of another autoencoder: unreadable here
             raise SystemExit(f"{net.source}: trained on latents of another autoencoder than {ae.source}; retrain it: "
-                             f"python train.py --stage video --strategy={name}")
+                             f"python train.py --stage video --strategy={strategy} --seed={seed}")
         steps, clipped = rollout.strategy_steps(rollout.RolloutConfig(**record["config"]["rollout"]), T0)
         cost = rollout.figures(steps, T0, cfg.context, cfg.total, clipped, net.cfg.dense, cfg.sampling_steps)
         s, on = round(record.get("seconds", 0)), record.get("device", "?")  # training wall time as h:mm:ss
         trained = f"{record['step']} steps in {s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d} on {on}"
-        models.append(Model(name, rollout_of(net, steps, clipped), cost["rollout_steps"],
-                            cost["nfe"] * (1 if cfg.cfg_scale == 1 else 2), trained))  # CFG: twice the evaluations
+        models.append(Model(name, rollout_of(net, steps, clipped), cost["rollout_steps"],  # CFG: twice the evaluations
+                            cost["nfe"] * (1 if cfg.cfg_scale == 1 else 2), trained, strategy, (steps, clipped)))
     lpips_net, why = tokenizer.lpips_net("alex") if cfg.lpips else (None, "LPIPS: switched off (--lpips=false)")
-    palette = data.PALETTE if json.load(open(f"{frames_dir}/meta.json")).get("source") == "maze" else None
+    meta = json.load(open(f"{frames_dir}/meta.json"))
+    palette = data.PALETTE if meta.get("source") == "maze" else None
     keys = sorted(data.load_index(frames_dir))[:cfg.num_videos]
+
+    def visibility(v):  # the memory probe: the maze's ray caster says which wall face each column shows
+        frames, face, wall = data.render(v.world, v.poses, meta["size"], meta["config"]["fov"], faces=True)
+        if not np.array_equal(frames, v.frames):  # the bookkeeping must describe these very frames
+            raise ValueError(f"{frames_dir}: its frames are not what data.py renders now; regenerate the store")
+        return face, wall, [set(row.tolist()) for row in face]
     results = evaluate_videos(cfg, keys, load, decode, models, palette, lpips_net, data.draw_map,
                               {"lpips": why} if why else None, device,
-                              lambda key: tokenizer.read_latents(latents_dir, key, 0, cfg.context, cfg.total))
+                              lambda key: tokenizer.read_latents(latents_dir, key, 0, cfg.context, cfg.total),
+                              visibility if palette is not None else None)
     results.config["git_commit"] = tokenizer.git_commit()
     return report(cfg.out or f"{cfg.root}/eval", results)
 

@@ -309,6 +309,30 @@ def step_layout(selection, grids, dense=False):
     return {k: np.concatenate(v).astype(np.int64) for k, v in out.items()}
 
 
+def knowledge(steps, start, end, faces, num_clipped=0):
+    """What a strategy's model can know of each generated frame (the memory probe, evaluate.py), following
+    what its steps read. faces[f]: the set of wall faces frame f shows (frames < start are ground truth).
+    A ground-truth cell knows its frame's faces; a cell a step denoises knows those of its frame's faces
+    that some cell the step reads (CONTEXT) knows. Returns, per generated frame [start, end), `known`: the
+    faces its final level-0 cell can know, and `reach`: how far back (frames) the steps that write it read;
+    and `lag`: {ground-truth frame: the largest lag (frames) at which a step reads it for a frame it writes}."""
+    known = {(l, f): set(faces[f]) for l in range(len(steps[0].selection)) for f in range(start)}
+    reach, lag = {}, {}
+    for s in chunk_starts(steps, start, end, num_clipped):
+        for step in steps:
+            context = [(int(l), s + int(f)) for l, f in np.argwhere(step.selection == CONTEXT)]
+            seen = set().union(*(known.get(cell, ()) for cell in context))
+            written = [s + int(f) for f in np.flatnonzero((step.selection == DENOISED).any(0))]
+            for f in {f for _, f in context if f < start}:
+                lag[f] = max(lag.get(f, 0), min(max(written), end - 1) - f)
+            for l, f in np.argwhere(step.selection == DENOISED):  # later writes win, as in `generate`
+                t = s + int(f)
+                known[int(l), t] = (set(faces[t]) if t < end else set()) & seen
+                reach[t] = max(reach.get(t, 0), t - min(f for _, f in context))
+    return dict(known=[known[0, t] for t in range(start, end)], reach=[reach[t] for t in range(start, end)],
+                lag=lag)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Derived figures and the cost table (App. A.3)
 
