@@ -1,19 +1,16 @@
 """Data (paper §4 "Datasets", App. A.1) and the one strict --key=value settings mechanism of every config.
 
-Loopcraft (§4): 1024-frame Minecraft videos of an agent running forward with random 90° turns, biased
-to pairs and quartets of turns so it keeps coming back; its test set (App. A.1) keeps action sequences
-whose late path revisits the context. Here: the frame store every stage reads (per video, PNG frames
-behind a uint64 offset table plus the (frames, 6) poses [action, x, y, z, yaw, pitch]); `prepare`
-(released Loopcraft -> that store); the maze (Loopcraft's actions, walk and test selection in a ray-cast
-grid world); the top-down map and video writer of `show` and evaluate.py; atomic writes.
+Loopcraft (§4): 1024-frame Minecraft videos of an agent running forward with random 90° turns, biased to pairs and
+quartets so it keeps coming back; its test set (App. A.1) keeps action sequences whose late path revisits the context.
+Here: the frame store every stage reads (per video: packed PNGs, (frames, 6) poses [action, x, y, z, yaw, pitch]);
+`prepare` (released Loopcraft -> it); the maze (Loopcraft's walk and test selection, and the memory probe's scripted
+walks, in a ray-cast grid world); the top-down map and video writer of `show` and evaluate.py; atomic writes.
 
     python data.py maze --out data/maze --preset toy [--split test] [--videos=N --frames=F --key=value ...]
     python data.py prepare LOOPCRAFT_SPLIT data/loopcraft
     python data.py show data/maze 000/000 --out video.gif
     python data.py bench
 """
-from __future__ import annotations
-
 import argparse
 import contextlib
 import io
@@ -56,7 +53,8 @@ class MazeConfig:
 
     def __post_init__(self):
         if self.walk not in ("loopcraft", "spin", "revisit") or self.leg < 1:
-            raise ValueError(f"MazeConfig: walk={self.walk!r}, leg={self.leg}: expected loopcraft, spin or revisit, leg >= 1")
+            raise ValueError(f"MazeConfig: walk={self.walk!r}, leg={self.leg}: expected loopcraft, spin or revisit "
+                             "and leg >= 1")
 
 
 # The evaluated split of a video, [context, frames), is stated here only: evaluate.py and rollout.py read it.
@@ -160,19 +158,9 @@ PALETTE = np.array([[110, 100, 90], [220, 50, 50], [235, 140, 30], [225, 215, 40
 TEX = 8                                             # texels per wall face side
 
 
-def _patterns() -> np.ndarray:
-    """(8, TEX, TEX) in {0, 1}, one texture pattern per wall type."""
-    i, j = np.mgrid[:TEX, :TEX]
-    mortar = (i % 4 == 0) | ((j + 4 * (i // 4 % 2)) % 8 == 0)
-    return np.stack([i // 2 % 2, j // 2 % 2, (i // 2 + j // 2) % 2, ~mortar,
-                     (i + j) // 2 % 2, (i // 4 + j // 4) % 2, (i % 7 == 0) | (j % 7 == 0),
-                     (i % 4 < 2) & (j % 4 < 2)]).astype(np.float32)
-
-
 def make_world(rng: np.random.Generator, n: int, density: float) -> np.ndarray:
-    """An (n, n) uint8 world: a border wall in runs of colours (a landmark from anywhere), scattered blocks
-    and wall segments of one type each, and open space all around, so the walk (blind to the world, like
-    Loopcraft's) rarely bumps."""
+    """An (n, n) uint8 world: a border wall in runs of colours (a landmark from anywhere), scattered blocks and
+    wall segments of one type each, open space all around: the walk (blind, like Loopcraft's) rarely bumps."""
     w = np.ones((n, n), np.uint8)
     w[1:-1, 1:-1] = 0
     ring = np.argwhere(w)                           # border cells, ordered around the centre below
@@ -213,8 +201,7 @@ def simulate(world: np.ndarray, actions: np.ndarray, start: tuple[int, int, int]
     if np.any(fwd & (yaw % 90 != 0)):
         raise ValueError("a forward frame at a yaw that is not a multiple of 90°: hold turns 9 frames")
     q = yaw // 90                                               # forwards only ever run along an axis
-    dx = np.where(fwd, np.array([1, 0, -1, 0])[q], 0)           # (n, frames)
-    dy = np.where(fwd, np.array([0, 1, 0, -1])[q], 0)
+    dx, dy = (np.where(fwd, np.array(d)[q], 0) for d in ([1, 0, -1, 0], [0, 1, 0, -1]))   # (n, frames) each
     x, y = np.full(n, x0), np.full(n, y0)
     xs, ys = np.empty((n, frames), np.int64), np.empty((n, frames), np.int64)
     for t in range(frames):
@@ -248,7 +235,11 @@ def path_stats(poses: np.ndarray) -> dict:
 @lru_cache(maxsize=8)
 def _lut(size: int) -> np.ndarray:
     """Colour table: (type, side, v, u) wall texels, then one floor/ceiling colour per image row."""
-    tex = PALETTE[1:9, None, None].astype(np.float32) * (0.8 + 0.4 * _patterns())[..., None]
+    i, j = np.mgrid[:TEX, :TEX]                     # one texture pattern per wall type: (8, TEX, TEX) in {0, 1}
+    mortar = (i % 4 == 0) | ((j + 4 * (i // 4 % 2)) % 8 == 0)
+    pattern = np.stack([i // 2 % 2, j // 2 % 2, (i // 2 + j // 2) % 2, ~mortar, (i + j) // 2 % 2, (i // 4 + j // 4) % 2,
+                        (i % 7 == 0) | (j % 7 == 0), (i % 4 < 2) & (j % 4 < 2)]).astype(np.float32)
+    tex = PALETTE[1:9, None, None].astype(np.float32) * (0.8 + 0.4 * pattern)[..., None]
     tex = np.stack([tex, 0.75 * tex], 1)            # faces crossed along y are darker: corners read
     r = np.abs(np.arange(size) + 0.5 - size / 2) / (size / 2)        # 0 at the horizon, 1 at the edge
     sky = np.where((np.arange(size) < size / 2)[:, None], PALETTE[-1], PALETTE[0])
@@ -257,10 +248,9 @@ def _lut(size: int) -> np.ndarray:
 
 
 def render(world: np.ndarray, poses: np.ndarray, size: int, fov: float = 70.0, faces: bool = False):
-    """Frames (n, size, size, 3) uint8 seen from poses (n, >=5) [.., x, y, z, yaw, ..] in `world`.
-    faces=True adds what the memory probe needs: the wall face each column shows, (n, size) int64 ids
-    4·(row·width + column) + side (0/1: entered across x going +/-, 2/3: across y), and the wall's
-    pixels (n, size, size) bool."""
+    """Frames (n, size, size, 3) uint8 seen from poses (n, >=5) [.., x, y, z, yaw, ..] in `world`; faces=True
+    adds (the memory probe's) the wall face each column shows, (n, size) int64 ids 4·(row·width + column) +
+    side (0/1: entered across x going +/-, 2/3: across y), and the wall's pixels (n, size, size) bool."""
     n, f = len(poses), math.tan(math.radians(fov) / 2)
     th = np.radians(poses[:, 4].astype(np.float64))
     cam = (2 * (np.arange(size) + 0.5) / size - 1) * f               # screen x, left to right
@@ -275,9 +265,8 @@ def render(world: np.ndarray, poses: np.ndarray, size: int, fov: float = 70.0, f
     sx, sy = np.where(rdx < 0, -1, 1), np.where(rdy < 0, -1, 1)
     tx = np.where(rdx < 0, px - mx, mx + 1 - px) * ddx               # ray length to the next x line
     ty = np.where(rdy < 0, py - my, my + 1 - py) * ddy
-    dist, wall, yside = np.empty(n * size), np.empty(n * size, np.int64), np.empty(n * size, bool)
-    face = np.empty(n * size, np.int64)
     ray = np.arange(n * size)
+    dist, wall, yside, face = (np.empty(n * size, t) for t in (np.float64, np.int64, bool, np.int64))
     while ray.size:                                 # DDA: step to the nearer grid line until a wall
         across_x = tx < ty
         t = np.where(across_x, tx, ty)
@@ -286,10 +275,8 @@ def render(world: np.ndarray, poses: np.ndarray, size: int, fov: float = 70.0, f
         cell = world[my, mx]
         hit = cell > 0
         dist[ray[hit]], wall[ray[hit]], yside[ray[hit]] = t[hit], cell[hit], ~across_x[hit]
-        side = np.where(across_x, sx < 0, 2 + (sy < 0))
-        face[ray[hit]] = ((my * world.shape[1] + mx) * 4 + side)[hit]
-        keep = ~hit
-        ray, mx, my, tx, ty, ddx, ddy, sx, sy = (a[keep] for a in (ray, mx, my, tx, ty, ddx, ddy, sx, sy))
+        face[ray[hit]] = ((my * world.shape[1] + mx) * 4 + np.where(across_x, sx < 0, 2 + (sy < 0)))[hit]
+        ray, mx, my, tx, ty, ddx, ddy, sx, sy = (a[~hit] for a in (ray, mx, my, tx, ty, ddx, ddy, sx, sy))
     # texture column u: where along the face the ray hit, mirrored so u runs left to right on screen
     along = np.where(yside, px + dist * rdx, py + dist * rdy)
     u = along - np.floor(along)
@@ -309,9 +296,8 @@ def render(world: np.ndarray, poses: np.ndarray, size: int, fov: float = 70.0, f
 # --------------------------------- frame store: KEY.frames = uint64 offsets[frames + 1], PNGs; KEY.npy poses
 
 def atomic_write(path: str, write) -> None:
-    """write(tmp) to a temporary name beside `path`, then rename: a killed job leaves no valid-looking
-    file. Every file of every stage is written through here. The temporary name keeps the extension
-    (np.save, ffmpeg, matplotlib, PIL choose formats by it)."""
+    """write(tmp) to a temporary name beside `path`, then rename: a killed job leaves no valid-looking file. Every
+    file of every stage is written here; tmp keeps the extension (np.save, ffmpeg, matplotlib, PIL choose by it)."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     stem, ext = os.path.splitext(path)
     tmp = f"{stem}.tmp{os.getpid()}{ext}"
@@ -351,10 +337,6 @@ def write_frames(path: str, frames, count: int) -> None:
             fh.seek(0)
             fh.write(np.array(offsets, "<u8").tobytes())
     atomic_write(path, write)
-
-
-def _save_npy(path: str, array: np.ndarray) -> None:
-    atomic_write(path, lambda tmp: np.save(tmp, array))
 
 
 def load_index(root: str) -> dict[str, int]:
@@ -397,18 +379,17 @@ def load_world(root: str, key: str) -> np.ndarray | None:
 # ---------------------------------- maze generation: plan (world, actions, real path), then render and write
 
 def _plan(cfg: MazeConfig, split: str, i: int):
-    """(world, poses (frames, 6), Chamfer) of train video i or test candidate i, seeded by (seed, split, i)
-    alone. A test candidate simulates cfg.candidates action sequences (the real path with collisions;
-    the paper integrates a collision-free plane) and picks one of the cfg.lowest lowest Chamfer (App. A.1)."""
+    """(world, poses (frames, 6), Chamfer) of train video or test candidate i, seeded by (seed, split, i). A test
+    candidate simulates cfg.candidates walks (with collisions; the paper integrates a collision-free plane) and
+    picks one of the cfg.lowest lowest Chamfer (App. A.1). Scripted walks: one walk, one random turn direction."""
     rng = np.random.default_rng([cfg.seed, ("train", "test").index(split), i])
     world = make_world(rng, cfg.world, cfg.density)
     start = start_state(rng, world)
     if cfg.walk == "loopcraft":
         walks = random_walk(rng, cfg.frames, 1 if split == "train" else cfg.candidates)
-    else:                                           # scripted (the memory probe): one random turn direction
-        turn = int(rng.integers(LEFT, RIGHT + 1))
-        walks = np.resize([turn] if cfg.walk == "spin" else [FORWARD] * HOLD * cfg.leg + [turn] * 2 * HOLD,
-                          (1, cfg.frames))
+    else:
+        turn = [int(rng.integers(LEFT, RIGHT + 1))]
+        walks = np.resize(turn if cfg.walk == "spin" else [FORWARD] * HOLD * cfg.leg + turn * 2 * HOLD, (1, cfg.frames))
     poses = simulate(world, walks, start)
     d = chamfer(poses[..., 1:3], cfg.context)
     pick = 0 if len(d) == 1 else int(np.argsort(d, kind="stable")[rng.integers(cfg.lowest)])
@@ -417,8 +398,8 @@ def _plan(cfg: MazeConfig, split: str, i: int):
 
 def _write_maze_video(out: str, key: str, cfg: MazeConfig, world: np.ndarray, poses: np.ndarray) -> None:
     write_frames(os.path.join(out, f"{key}.frames"), render(world, poses, cfg.size, cfg.fov), len(poses))
-    _save_npy(os.path.join(out, f"{key}.world.npy"), world)
-    _save_npy(os.path.join(out, f"{key}.npy"), poses)
+    for name, array in ((f"{key}.world.npy", world), (f"{key}.npy", poses)):
+        atomic_write(os.path.join(out, name), lambda tmp: np.save(tmp, array))
 
 
 def _map(fn, jobs: list[tuple], workers: int, what: str = "") -> list:
@@ -467,14 +448,12 @@ def make_maze(out: str, cfg: MazeConfig, split: str = "train") -> dict:
 
 def _prepare_one(src: str, dst: str, key: str, count: int) -> tuple[int, int]:
     mp4, npy = os.path.join(src, f"{key}.mp4"), os.path.join(src, f"{key}.npy")
-    for path in (mp4, npy):
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path}: missing (listed in {src}/index.json)")
+    if missing := [path for path in (mp4, npy) if not os.path.isfile(path)]:
+        raise FileNotFoundError(f"{missing[0]}: missing (listed in {src}/index.json)")
     poses = np.load(npy)
     if poses.shape != (count, 6):                   # frames as index.json says, 6 pose values each
         raise ValueError(f"{npy}: expected shape ({count}, 6) = (frames in index.json, 6), got {poses.shape}")
-    bad = sorted(set(np.unique(poses[:, 0]).tolist()) - {FORWARD, LEFT, RIGHT})
-    if bad:
+    if bad := sorted(set(np.unique(poses[:, 0]).tolist()) - {FORWARD, LEFT, RIGHT}):
         raise ValueError(f"{npy}: action ids must be 0 (forward), 1 (left) or 2 (right), found {bad[:5]}")
     import imageio_ffmpeg
     try:                                            # not a video, ffmpeg failing mid-stream, or a wrong count
@@ -484,7 +463,7 @@ def _prepare_one(src: str, dst: str, key: str, count: int) -> tuple[int, int]:
         write_frames(os.path.join(dst, f"{key}.frames"), frames, count)
     except (OSError, RuntimeError, StopIteration, ValueError) as e:
         raise ValueError(f"{mp4}: cannot decode {count} frames ({e})") from None
-    _save_npy(os.path.join(dst, f"{key}.npy"), poses.astype(np.float32))
+    atomic_write(os.path.join(dst, f"{key}.npy"), lambda tmp: np.save(tmp, poses.astype(np.float32)))
     return w, h
 
 
@@ -566,13 +545,13 @@ def bench(cfg: MazeConfig) -> None:
     n = sum(len(render(w, p, cfg.size, cfg.fov)) for w, p, _ in plans)
     print(f"render {cfg.size}x{cfg.size}: {n / (time.process_time() - c):,.0f} frames per CPU-second, "
           f"{n / (time.perf_counter() - t):,.0f} frames/s wall, one core")
-    with tempfile.TemporaryDirectory() as tmp:  # generation itself prints its progress and ETA
+    with tempfile.TemporaryDirectory() as root:  # generation itself prints its progress and ETA
         count, t = min(cfg.videos, 4 * cfg.workers), time.perf_counter()    # a sample, also at paper scale
-        make_maze(os.path.join(tmp, "train"), replace(cfg, videos=count), "train")
-        dt = (time.perf_counter() - t) / count
+        make_maze(root, replace(cfg, videos=count), "train")
+        dt, rng = (time.perf_counter() - t) / count, np.random.default_rng(0)
         print(f"generate train: {cfg.frames / dt:,.0f} frames/s with writing, {cfg.workers} workers ({count} videos; "
               f"all {cfg.videos}: {cfg.videos * dt / 60:.1f} min)")
-        root, rng, t = os.path.join(tmp, "train"), np.random.default_rng(0), time.perf_counter()
+        t = time.perf_counter()
         for key, f in zip(rng.choice(sorted(load_index(root)), 2000), rng.integers(cfg.frames, size=2000).tolist()):
             read_frames(root, str(key), f, f + 1)
         print(f"random single-frame reads: {2000 / (time.perf_counter() - t):,.0f}/s")
@@ -582,19 +561,15 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="maze and bench take any MazeConfig "
                                 "setting as --key=value (--videos counts the chosen split's videos)")
     sub = p.add_subparsers(dest="cmd", required=True)
-    prep = sub.add_parser("prepare", help="released Loopcraft layout -> frame store")
-    prep.add_argument("src")
-    prep.add_argument("dst")
-    prep.add_argument("--workers", type=int, default=2)
-    view = sub.add_parser("show", help="video next to its top-down map (.png, .gif or .mp4)")
-    view.add_argument("root")
-    view.add_argument("key")
-    view.add_argument("--out", required=True)
-    maze = sub.add_parser("maze", help="generate a maze frame store")
-    maze.add_argument("--out", required=True)
-    for q in maze, sub.add_parser("bench", help="print rendering, generation and frame-read speeds"):
-        q.add_argument("--split", choices=["train", "test"], default="train")
-        q.add_argument("--preset", choices=sorted(PRESETS), default="toy")
+    for cmd, text, args in (("prepare", "released Loopcraft layout -> frame store", ("src", "dst", "--workers")),
+                            ("show", "video next to its top-down map (.png, .gif or .mp4)", ("root", "key", "--out")),
+                            ("maze", "generate a maze frame store", ("--out", "--split", "--preset")),
+                            ("bench", "print rendering, generation and frame-read speeds", ("--split", "--preset"))):
+        q = sub.add_parser(cmd, help=text)
+        for a in args:
+            q.add_argument(a, **{"--out": dict(required=True), "--workers": dict(type=int, default=2),
+                                 "--split": dict(choices=["train", "test"], default="train"),
+                                 "--preset": dict(choices=sorted(PRESETS), default="toy")}.get(a, {}))
     a, rest = p.parse_known_args(argv)
     if a.cmd in ("prepare", "show") and rest:
         p.error(f"unrecognized arguments: {' '.join(rest)}")

@@ -21,6 +21,7 @@ import math
 import os
 import re
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -41,7 +42,7 @@ class EvalConfig:
     total: int = data.MazeConfig.frames     # frames per test video, 1024; [context, total) is generated
     buckets: tuple = ()                 # last generated-frame offset of each horizon bucket (Table 1); () = the
                                         # paper's proportions 1/12, 1/3, 1 of the generated frames (64, 256, 768)
-    sampling_steps: int = 50            # DDIM steps per rollout step (App. A.2)
+    sampling_steps: int = 50            # DDIM steps per rollout step (App. A.2; presets: RolloutConfig's)
     cfg_scale: float = 1.0              # the paper evaluates without CFG (App. A.2)
     batch_size: int = 8                 # videos in lockstep (App. A.3 times batches of 8)
     num_videos: int = 1000              # test-set size (App. A.1)
@@ -52,7 +53,7 @@ class EvalConfig:
     map_size: int = 128                 # top-down trajectory panel, pixels
     seed: int = 0                       # random-latents pairing
     gate: float = 0.75                  # memory probe: compare memory once every model's colour agreement on
-                                        # pixels all can see reaches this fraction of the ground-truth latents' agreement
+                                        # pixels all see reaches this fraction of the ground-truth latents' agreement
     train_seeds: tuple = (0,)           # each model trained with these seeds (seed k > 0: video-<name>-seed<k>)
     sampling_seeds: tuple = (0,)        # each rollout sampled with these noise seeds
     root: str = "runs/paper"            # the pipeline folder train.py wrote (data/, latents/, video-*/)
@@ -67,14 +68,11 @@ class EvalConfig:
                              f"num_videos >= 2 (the random-latents pairing), num_samples >= 0; got {self}")
 
 
-def _split(preset):  # the preset's [context, total): data.py states it once for every stage
-    return dict(zip(("context", "total"), rollout.preset_frames(preset)[1:]))
-
-
-PRESETS = {"paper": _split("paper"), "toy": dict(num_videos=32, batch_size=16, **_split("toy")),
-           "tiny": dict(num_videos=8, batch_size=4, sampling_steps=20, num_samples=2, **_split("tiny")),
-           "spin": dict(num_videos=32, batch_size=16, sampling_steps=20, num_samples=2, train_seeds=(0, 1),
-                        sampling_seeds=(0, 1), **_split("spin"))}
+# each preset's [context, total) is data.py's and its sampling steps rollout.py's, stated there once
+PRESETS = {p: dict(zip(("context", "total"), rollout.preset_frames(p)[1:]),
+                   sampling_steps=rollout.rollout_config(p).sampling_steps) | kw for p, kw in {
+    "paper": {}, "toy": dict(num_videos=32, batch_size=16), "tiny": dict(num_videos=8, batch_size=4, num_samples=2),
+    "spin": dict(num_videos=32, batch_size=16, num_samples=2, train_seeds=(0, 1), sampling_seeds=(0, 1))}.items()}
 
 
 def video_folder(root, strategy, seed=0):
@@ -105,6 +103,7 @@ def progress(what, done, total, start):
 # ----------------------------------------------------------------------------- per-frame metrics
 
 PSNR_CAP = 100.0  # dB; identical frames (MSE = 0) score this instead of inf, so bucket means stay finite
+DARK = 0.06  # pixels (and palette entries) whose brightest channel is below this have no reliable colour
 # name -> (label, higher is better); the consistency metrics computed here
 METRICS = {"psnr": ("PSNR", True), "ssim": ("SSIM", True), "lpips": ("LPIPS", False), "maze": ("maze colour", True)}
 # §4 metrics whose networks are not in our dependencies and whose weights cannot be downloaded here
@@ -150,10 +149,8 @@ def ssim(x, y, device=None, size=11, sigma=1.5, K1=0.01, K2=0.03):
     g = torch.exp(-i**2 / (2 * sigma**2))
     g = g / g.sum()  # the sampled Gaussian window of Wang et al. (2004), normalised to sum 1
     gh, gv = g.view(1, 1, 1, size).repeat(3, 1, 1, 1), g.view(1, 1, size, 1).repeat(3, 1, 1, 1)
-
-    def blur(z):  # separable Gaussian mean per channel: (N, 3, H, W) -> (N, 3, H-10, W-10)
-        return F.conv2d(F.conv2d(z, gh, groups=3), gv, groups=3)
-
+    # separable Gaussian mean per channel: (N, 3, H, W) -> (N, 3, H-10, W-10)
+    blur = lambda z: F.conv2d(F.conv2d(z, gh, groups=3), gv, groups=3)  # noqa: E731
     C1, C2 = K1**2, K2**2  # stabilising constants (K·L)² with dynamic range L = 1
     mu_x, mu_y = blur(x), blur(y)
     s_xx, s_yy, s_xy = blur(x * x) - mu_x**2, blur(y * y) - mu_y**2, blur(x * y) - mu_x * mu_y
@@ -167,9 +164,6 @@ def lpips_distance(net, x, y, device=None):
     """Per-frame LPIPS with a given lpips.LPIPS network -> np.float64 (N,); 0 for identical frames."""
     x, y = _pair(x, y, device)
     return net.to(x.device)(x, y, normalize=True).flatten().double().cpu().numpy()  # normalize: [0,1] -> [-1,1]
-
-
-DARK = 0.06  # pixels (and palette entries) whose brightest channel is below this have no reliable colour
 
 
 def palette_classes(frames, palette, device=None):
@@ -224,16 +218,23 @@ def horizon_buckets(num_generated, ends=None):
     return [(first + 1, last) for first, last in zip([0] + ends[:-1], ends)]
 
 
+def nanmean(x, axis=None):
+    """np.nanmean, quietly NaN where all is NaN (the probe's categories are empty in some frames)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmean(x, axis)
+
+
 def bucket_means(per_frame, buckets):
     """(V, K) per-frame values -> [mean over the bucket's offsets of the per-offset video mean]."""
-    c = np.asarray(per_frame, np.float64).mean(0)  # (K,) the Fig. 4 curve: mean over videos per offset
-    return [float(c[first - 1:last].mean()) for first, last in buckets]
+    c = nanmean(np.asarray(per_frame, np.float64), 0)  # (K,) the Fig. 4 curve: mean over videos per offset
+    return [float(nanmean(c[first - 1:last])) for first, last in buckets]
 
 
 def bucket_spreads(per_frame, buckets):
     """(V, K) -> [standard error over videos of each video's bucket mean] (0 with a single video)."""
-    v = np.asarray(per_frame, np.float64)
-    return [float(v[:, a - 1:b].mean(1).std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else 0.0 for a, b in buckets]
+    v = [nanmean(np.asarray(per_frame, np.float64)[:, a - 1:b], 1) for a, b in buckets]  # (V,) each
+    return [float(x.std(ddof=1) / np.sqrt(len(x))) if len(x) > 1 else 0.0 for x in (x[np.isfinite(x)] for x in v)]
 
 
 # ----------------------------------------------------------------------------- reference rows
@@ -262,7 +263,10 @@ def decode_frames(decode, z, level=0, device=None, chunk=64):
 # nobody saw. The probe scores each generated wall pixel by what the compared strategies can know of it
 # (rollout.knowledge over the maze's visible faces): its face is knowable to all of them, only to
 # MilliVid (content beyond the baselines' reach), or to none (a control: every model should be at chance).
-CATEGORIES = ("seen by all", "MilliVid only", "seen by none")
+CATEGORIES = {"all": "seen by all", "only": "MilliVid only", "none": "seen by none"}
+PROBE = {f"{m}_{c}": (f"{label} {name}", True) for m, label in (("colour", "colour,"), ("psnr", "PSNR,"))
+         for c, name in CATEGORIES.items()}  # per-frame metrics on each category's pixels (NaN: none there)
+METRICS |= PROBE
 
 
 def probe_categories(plans, face, wall, seen, context):
@@ -286,67 +290,36 @@ def probe_categories(plans, face, wall, seen, context):
     return np.where(wall[context:], cat, -1).astype(np.int8), swap
 
 
-def probe_sums(frames, truth, cat, palette):
-    """Per category and generated offset: [matching base colours, pixels, squared error] -> (3, C, K)."""
-    match = (palette_classes(frames, palette) == palette_classes(truth, palette)).numpy()  # (K, H, W)
-    err = ((frames.astype(np.float64) - truth) / 255) ** 2                                # (K, H, W, 3)
-    return np.stack([np.stack([((cat == c) * x).reshape(len(cat), -1).sum(1) for c in range(len(CATEGORIES))])
-                     for x in (match, np.ones_like(match), err.mean(-1))])
-
-
-def probe_summary(sums):
-    """{row: [per video (3, C, K) sums]} -> per row and category: colour agreement and PSNR, mean ± standard
-    error over videos, and the category's share of the scored pixels."""
+def probe_metrics(frames, truth, cat, palette):
+    """Per generated frame, colour agreement and PSNR on each category's pixels -> {PROBE metric: (K,)}."""
+    match = (palette_classes(frames, palette) == palette_classes(truth, palette)).numpy().reshape(len(cat), -1)
+    err = (((frames.astype(np.float64) - truth) / 255) ** 2).mean(-1).reshape(len(cat), -1)  # (K, H·W)
     out = {}
-    for name in sums:
-        s = np.stack(sums[name]).sum(-1)                                  # (V, 3, C) over offsets
-        with np.errstate(invalid="ignore", divide="ignore"):
-            colour, psnr_ = s[:, 0] / s[:, 1], 10 * np.log10(s[:, 1] / s[:, 2])  # (V, C)
-        se = lambda x: float(np.nanstd(x, ddof=1) / np.sqrt(np.isfinite(x).sum())) if np.isfinite(x).sum() > 1 else 0.0
-        out[name] = {c: dict(colour=float(np.nanmean(colour[:, i])), colour_se=se(colour[:, i]),
-                             psnr=float(np.nanmean(psnr_[:, i])), psnr_se=se(psnr_[:, i]),
-                             share=float(s[:, 1, i].sum() / s[:, 1].sum())) for i, c in enumerate(CATEGORIES)}
+    with np.errstate(invalid="ignore", divide="ignore"):  # 0 / 0: no pixel of that category, NaN
+        for i, c in enumerate(CATEGORIES):
+            where = (cat == i).reshape(len(cat), -1)                                        # (K, H·W)
+            out[f"colour_{c}"] = (where * match).sum(1) / where.sum(1)
+            out[f"psnr_{c}"] = -10 * np.log10(np.maximum((where * err).sum(1) / where.sum(1), 10 ** (-PSNR_CAP / 10)))
     return out
 
 
-def probe_markdown(probe):
-    """The memory probe's section of results.md: the table, the swap control, the verdict."""
-    rows, models = probe["rows"], probe["models"]
-    head = [f"{metric} {c}" for metric in ("colour", "PSNR") for c in CATEGORIES]
-    lines = ["## Memory probe", "", "Each generated wall pixel is scored by what the compared strategies can know of "
-             "its wall face from the ground-truth context (rollout.knowledge): " + ", ".join(
-                 f"*{c}* {100 * rows['ground-truth latents'][c]['share']:.1f}%" for c in CATEGORIES) + " of the pixels. "
-             "Colour: agreement of base-colour classes (chance ≈ 1/8); mean ± standard error over videos. "
-             f"Swap control (*swap* rows): per video, the context frames that show no face of a *seen by all* pixel "
-             f"(mean {np.mean(probe['swapped_context_frames']):.1f} frames) replaced by another video's; *MilliVid only* "
-             "counts only content the swap takes from MilliVid.", "",
-             "| row | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
-    for name, r in rows.items():
-        cells = [f"{r[c][k]:.{d}f} ± {r[c][k + '_se']:.{d}f}" for k, d in (("colour", 3), ("psnr", 2)) for c in CATEGORIES]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return lines + ["", probe_verdict(rows, models, probe["gate"]), ""]
-
-
-def probe_verdict(summary, models, gate):
+def probe_verdict(rows, gate):
     """Plain language: is the memory effect confirmed, refuted, or not measurable at this scale, and why."""
-    g = summary.get("ground-truth latents", {}).get(CATEGORIES[0], {}).get("colour", float("nan"))
-    low = [m for m in models if not summary[m][CATEGORIES[0]]["colour"] >= gate * g]
-    if low or "millivid" not in models or len(models) < 2:
-        return (f"Not measurable at this scale: on pixels every model can see, {', '.join(low)} reach(es) less than "
-                f"{gate:g} of the ground-truth latents' colour agreement ({g:.3f})" if low else
-                "Not measurable: the probe compares MilliVid with at least one baseline")
-    m, mem = summary["millivid"][CATEGORIES[1]], CATEGORIES[1]
-    lead = [b for b in models if b != "millivid" and m["colour"] - summary[b][mem]["colour"]
-            > m["colour_se"] + summary[b][mem]["colour_se"]]
-    swap = summary.get("millivid swap", {}).get(mem)
-    drop = swap is not None and m["colour"] - swap["colour"] > m["colour_se"] + swap["colour_se"]
-    if len(lead) == len(models) - 1 and drop:
-        return (f"Confirmed at this scale: on content only MilliVid can see, its colour agreement {m['colour']:.3f} "
-                "beats every baseline beyond both standard errors, and swapping those context frames for another "
-                f"video's drops it to {swap['colour']:.3f}.")
-    return (f"Not confirmed at this scale: on content only MilliVid can see, its colour agreement {m['colour']:.3f} "
-            f"leads {', '.join(lead) or 'no baseline'} beyond both standard errors; the swap control "
-            + ("removes it." if drop else "does not move it beyond the spread."))
+    models = [m for m in ("millivid", "framepack", "fullres", "framepack_hier", "upscale") if m in rows]
+    (g, g_se), (chance, c_se) = rows["ground-truth latents"]["colour_all"], rows["random latents"]["colour_all"]
+    low = [m for m in models if not rows[m]["colour_all"][0] >= gate * g]
+    if low or g - chance <= g_se + c_se or models[:1] != ["millivid"] or len(models) < 2:
+        return ("Not measurable at this scale: " + (f"on pixels every model can see, {', '.join(low)} reach(es) less "
+                f"than {gate:g} of the ground-truth latents' colour agreement ({g:.3f})" if low else
+                "the ground-truth latents do not beat random ones beyond the spread" if g - chance <= g_se + c_se else
+                "the probe compares MilliVid with at least one baseline") + ".")
+    (m, m_se), swap = rows["millivid"]["colour_only"], rows.get("millivid swap", {}).get("colour_only")
+    lead = [b for b in models[1:] if m - rows[b]["colour_only"][0] > m_se + rows[b]["colour_only"][1]]
+    drop = swap is not None and m - swap[0] > m_se + swap[1]
+    word = "Confirmed" if len(lead) == len(models) - 1 and drop else "Not confirmed"
+    return (f"{word} at this scale: on content only MilliVid can see, its colour agreement {m:.3f} leads "
+            f"{', '.join(lead) or 'no baseline'} beyond both standard errors, and the swap control "
+            + (f"drops it to {swap[0]:.3f}." if drop else "does not move it beyond the spread."))
 
 
 # ----------------------------------------------------------------------------- results and report
@@ -383,7 +356,6 @@ class Results:
     unavailable: dict = field(default_factory=dict)  # metric -> why, and how to supply what it needs
     config: dict = field(default_factory=dict)       # resolved EvalConfig and git commit
     fps: int = 20
-    probe: dict = field(default_factory=dict)        # the memory probe: per row [per video (3, C, K) sums], swap
 
 
 def summarize(results):
@@ -398,29 +370,29 @@ def summarize(results):
                            for m in present if m in r.per_frame}
                      for key, fn in (("metrics", bucket_means), ("standard_errors", bucket_spreads))},
                   "rollout_steps": r.rollout_steps, "network_evals": r.network_evals, "wall_s_per_video": r.wall_s,
-                  "trained": r.trained}
-                 for r in results.rows],
-        "probe": results.probe and {"swapped_context_frames": results.probe["swap"], "models": results.probe["models"],
-                                    "gate": results.config.get("gate", 0.75),
-                                    "rows": probe_summary(results.probe["sums"])}}
+                  "trained": r.trained, "probe": {m: bucket_means(r.per_frame[m], [(1, K)]) + bucket_spreads(
+                      r.per_frame[m], [(1, K)]) for m in PROBE if m in r.per_frame}}  # all generated frames
+                 for r in results.rows for K in [next(iter(r.per_frame.values())).shape[1]]]}
+
+
+def _table(head, rows):  # markdown table lines: a `row` column, then `head`; rows: [(name, [cell, ...])]
+    return ["| row | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"] + [
+        f"| {name} | " + " | ".join(cells) + " |" for name, cells in rows]
 
 
 def results_markdown(summary):
-    """Table 1 layout: one row per model / reference, metric x bucket columns (mean ± standard error over
-    videos), then the cost columns. The best model of a column is bold only if its lead over the runner-up
-    exceeds their two standard errors together: no bold where the spreads overlap."""
-    buckets = [f"{a}-{b}" for a, b in summary["buckets"]]
-    cols = [(m, b) for m in summary["metrics"] for b in buckets]
-    models = [r for r in summary["rows"] if not r["reference"]]
-    best = {}
+    """results.md. Table 1 layout: one row per model / reference, metric x bucket columns (mean ± standard
+    error over videos), then the cost columns. The best model of a column is bold only if its lead over the
+    runner-up exceeds their two standard errors together: no bold where the spreads overlap. Then the reading
+    against the random-latents reference, the memory probe (where measured), what was not measured."""
+    buckets, metrics = [f"{a}-{b}" for a, b in summary["buckets"]], summary["metrics"]
+    cols = [(m, b) for m in metrics if m not in PROBE for b in buckets]
+    models, best, rows = [r for r in summary["rows"] if not r["reference"]], {}, []
     for m, b in cols:  # (value, se) of the models, best first
         ranked = sorted(((r["metrics"][m][b], r["standard_errors"][m][b]) for r in models if m in r["metrics"]),
-                        reverse=summary["metrics"][m]["higher_is_better"])
+                        reverse=metrics[m]["higher_is_better"])
         if len(ranked) == 1 or len(ranked) > 1 and abs(ranked[0][0] - ranked[1][0]) > ranked[0][1] + ranked[1][1]:
             best[m, b] = ranked[0][0]
-    head = [f"{summary['metrics'][m]['label']} {'↑' if summary['metrics'][m]['higher_is_better'] else '↓'} {b}"
-            for m, b in cols] + ["rollout steps", "network evals", "wall s/video", "trained"]
-    lines = ["| row | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
     for r in summary["rows"]:
         cells = []
         for m, b in cols:
@@ -429,30 +401,38 @@ def results_markdown(summary):
             cells.append(f"**{text}**" if not r["reference"] and v is not None and v == best.get((m, b)) else text)
         cells += ["—" if r[k] is None else f"{r[k]:.3g}" if k == "wall_s_per_video" else str(r[k])
                   for k in ("rollout_steps", "network_evals", "wall_s_per_video", "trained")]
-        lines.append(f"| {r['name']}{' (reference)' if r['reference'] else ''} | " + " | ".join(cells) + " |")
+        rows.append((r["name"] + (" (reference)" if r["reference"] else ""), cells))
+    head = [f"{metrics[m]['label']} {'↑' if metrics[m]['higher_is_better'] else '↓'} {b}" for m, b in cols]
+    # the reading: at the longest horizon, does a model beat the random-latents reference on some metric?
+    ref = next((r["metrics"] for r in summary["rows"] if r["name"] == "random latents"), {})
+    last = "-".join(map(str, summary["buckets"][-1]))  # METRICS[m][1]: higher is better
+    above = sorted({r["name"] for r in models for m in ref
+                    if (r["metrics"][m][last] - ref[m][last]) * (1 if METRICS[m][1] else -1) > 0})
+    verdict = (f"above it on some metric: {', '.join(above)}" if above else
+               "every model is below it on every metric: none is consistent this far at this scale")
+    probe = {r["name"]: r["probe"] for r in summary["rows"]}
     text = ["# MilliVid evaluation (paper §4, Table 1)", "",
             f"{summary['rows'][0]['videos'] if summary['rows'] else 0} test videos, context {summary['context']} "
             "frames; each metric is averaged over videos per generated-frame offset, then over the offsets of "
             f"each bucket. PSNR of identical frames is capped at {PSNR_CAP:g} dB.", ""]
-    text += lines + ["", interpretation(summary, models), ""] + (probe_markdown(summary["probe"]) if summary.get(
-        "probe") else []) + ["## Not measured", ""]
-    text += [f"- {why}" for why in summary["unavailable"].values()] or ["- (everything was measured)"]
+    text += _table(head + ["rollout steps", "network evals", "wall s/video", "trained"], rows) + [
+        "", f"Reading: at the longest horizon ({last}) against the random-latents reference (real frames, no "
+        f"consistency), {verdict if ref else 'no reference row'}. Bold: a lead beyond both standard errors.", ""]
+    if any(probe.values()):  # the memory probe over all generated frames: mean ± standard error over videos
+        d = {m: 2 if "psnr" in m else 3 for m in PROBE}  # decimals: PSNR in dB, the others fractions
+        text += ["## Memory probe", "", "Each generated wall pixel is scored by what the compared strategies can know "
+                 "of its wall face from the ground-truth context (rollout.knowledge). Colour: agreement of base-colour "
+                 "classes (chance ≈ 1/8). The *swap* rows: per video, the context frames that show no face of a *seen "
+                 "by all* pixel come from another video; *MilliVid only* counts only content that this swap takes "
+                 "away.", ""] + _table([PROBE[m][0] for m in PROBE], [(r["name"], [
+                     f"{r['probe'][m][0]:.{d[m]}f} ± {r['probe'][m][1]:.{d[m]}f}" for m in PROBE])
+                     for r in summary["rows"]]) + ["", probe_verdict(probe, summary["config"].get("gate", 0.75)), ""]
+    text += ["## Not measured", ""] + (
+        [f"- {why}" for why in summary["unavailable"].values()] or ["- (everything was measured)"])
     text += ["", "Beside this file: `results.json`, `per_frame.csv`, `consistency.png` (Fig. 4), `videos/` "
              "(Fig. 3) and `plans/` (each level decoded alone).", "",
              "Configuration: " + ", ".join(f"{k}={v}" for k, v in summary["config"].items()), ""]
     return "\n".join(text)
-
-
-def interpretation(summary, models):
-    """A line under the table: at the longest horizon, does a model beat the random-latents reference?"""
-    ref = next((r["metrics"] for r in summary["rows"] if r["name"] == "random latents"), {})
-    last = "-".join(map(str, summary["buckets"][-1]))  # METRICS[m][1]: higher is better
-    above = sorted({r["name"] for r in models for m in ref if (r["metrics"][m][last] - ref[m][last]) * (
-        1 if METRICS[m][1] else -1) > 0})
-    verdict = f"above it on some metric: {', '.join(above)}" if above else "every model is below it on every metric: " \
-        "none is consistent this far at this scale"
-    return f"Reading: at the longest horizon ({last}) against the random-latents reference (real frames, no " \
-           f"consistency), {verdict if ref else 'no reference row'}. Bold: a lead beyond both standard errors."
 
 
 def write_per_frame_csv(path, results):
@@ -465,10 +445,9 @@ def write_per_frame_csv(path, results):
             w.writerow(["model", "video", "offset", "frame"] + metrics)
             for r in results.rows:
                 K = next(iter(r.per_frame.values())).shape[1] if r.per_frame else 0
-                for v, key in enumerate(r.keys):
-                    for k in range(K):
-                        w.writerow([r.name, key, k + 1, results.context + k] +
-                                   [f"{r.per_frame[m][v, k]:.6g}" if m in r.per_frame else "" for m in metrics])
+                w.writerows([r.name, key, k + 1, results.context + k]
+                            + [f"{r.per_frame[m][v, k]:.6g}" if m in r.per_frame else "" for m in metrics]
+                            for v, key in enumerate(r.keys) for k in range(K))
     data.atomic_write(path, write)
 
 
@@ -478,11 +457,15 @@ def plot_curves(path, results):
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
     metrics = [m for m in METRICS if any(m in r.per_frame for r in results.rows)]
-    fig, axes = plt.subplots(1, len(metrics), figsize=(4.5 * len(metrics), 3.6), squeeze=False)
-    for ax, m in zip(axes[0], metrics):
+    cols = min(4, len(metrics))  # the memory probe's metrics, one per category, wrap onto more rows
+    rows = -(-len(metrics) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.6 * rows), squeeze=False)
+    for ax in axes.flat[len(metrics):]:
+        ax.set_visible(False)
+    for ax, m in zip(axes.flat, metrics):
         for r in results.rows:
             if m in r.per_frame:
-                c = np.asarray(r.per_frame[m], np.float64).mean(0)  # mean over videos per offset
+                c = nanmean(np.asarray(r.per_frame[m], np.float64), 0)  # mean over videos per offset
                 ax.plot(np.arange(1, len(c) + 1), c, label=r.name, ls="--" if r.reference else "-", lw=1.2)
         for _, last in results.buckets[:-1]:
             ax.axvline(last, color="0.7", lw=0.8, ls=":")
@@ -521,8 +504,7 @@ def side_by_side_frames(sample, context, display=128):
         tiles = [_tile(v[t], size, f"{name}  {t} {when}" if i == 0 else name, t < context)
                  for i, (name, v) in enumerate(sample.frames.items())]
         if sample.map is not None:
-            m = sample.map(t) if callable(sample.map) else sample.map
-            tiles.append(_tile(m, (size[1], size[1]), "map", False))
+            tiles.append(_tile(sample.map(t) if callable(sample.map) else sample.map, (size[1],) * 2, "map", False))
         yield np.concatenate(tiles, axis=1)
 
 
@@ -545,10 +527,10 @@ def report(out_dir, results, video_ext=".mp4"):
     for s in results.samples:
         name = s.key.replace("/", "-")  # keys look like "000/012"
         data.write_video(os.path.join(out_dir, "videos", name + video_ext),
-                    side_by_side_frames(s, results.context), results.fps)
+                         side_by_side_frames(s, results.context), results.fps)
         for model, levels in s.plans.items():
             data.write_video(os.path.join(out_dir, "plans", f"{name}-{model}{video_ext}"),
-                        plan_frames(levels, results.context), results.fps)
+                             plan_frames(levels, results.context), results.fps)
     return os.path.join(out_dir, "results.md")
 
 
@@ -585,15 +567,13 @@ def evaluate_videos(cfg, keys, load, decode, models, palette=None, lpips_net=Non
     reads of its partner video (default: via load). The first cfg.num_samples videos become samples.
     Each model rolls out once per sampling seed; a video's metrics are the mean over seeds.
     visibility(video) -> (face (F, W), wall (F, H, W), faces per frame) turns on the memory probe."""
-    c, n, K = cfg.context, cfg.total, cfg.total - cfg.context
+    c, n = cfg.context, cfg.total
     if not 0 < c < n:
         raise ValueError(f"EvalConfig: expected 0 < context < total, got context={c}, total={n}")
     partner_latents = partner_latents or (lambda key: load(key).latents[0][c:n])
-    buckets, partner = horizon_buckets(K, cfg.buckets), derangement(len(keys), cfg.seed)
-    values = {name: {} for name in [m.name for m in models] + ["ground-truth latents", "random latents"]}
-    wall, samples, probe, swaps = {m.name: 0.0 for m in models}, [], {}, []
-    plans = {m.strategy: m.steps for m in models}  # what the memory probe's bookkeeping follows
-    t_start = time.perf_counter()
+    buckets, partner = horizon_buckets(n - c, cfg.buckets), derangement(len(keys), cfg.seed)
+    values, wall, samples = {}, {m.name: 0.0 for m in models}, []  # values: row -> metric -> [per video (K,)]
+    plans, t_start = {m.strategy: m.steps for m in models}, time.perf_counter()  # plans: what the probe follows
     for start in range(0, len(keys), cfg.batch_size):
         if start:
             print(progress("evaluate: videos", start, len(keys), t_start), flush=True)
@@ -607,28 +587,25 @@ def evaluate_videos(cfg, keys, load, decode, models, palette=None, lpips_net=Non
                    for l in range(len(videos[0].latents))]  # per level (B, F, T_l, C)
         for z in visible:
             z[:, c:] = 0
-        # the memory probe: each video's pixel categories, and the swap control's context (those frames replaced
-        # by the partner video's), for MilliVid: visibility(video) -> (face, wall, faces per frame)
-        probes = [probe_categories(plans, *visibility(v), c) if visibility else None for v in videos]
-        swaps += [len(p[1]) for p in probes if p]
+        # the memory probe: each video's pixel categories, and for MilliVid the swap control: the context frames
+        # that show nothing 'seen by all' replaced by the partner video's
+        probes = [probe_categories(plans, *visibility(v), c) for v in videos] if visibility else []
         swapped = [z.clone() for z in visible]
-        for b, i in enumerate(batch if visibility else ()):
-            other, swap = load(keys[partner[i]]).latents, probes[b][1]
+        for b, (cat, swap) in enumerate(probes):
+            other = load(keys[partner[batch[b]]]).latents
             for l, z in enumerate(swapped):
                 z[b, swap] = torch.from_numpy(np.asarray(other[l][swap], np.float32)).to(device)
         actions = torch.from_numpy(np.stack([v.actions[:n] for v in videos])).long().to(device)  # (B, F)
         out = {}
-        for m in models:
-            for seed in cfg.sampling_seeds:
-                t0 = time.perf_counter()
-                out[m.name, seed] = m.generate(visible, actions, seed)
-                torch.cuda.synchronize() if torch.cuda.is_available() else None  # (wall time of the work itself)
-                wall[m.name] += (time.perf_counter() - t0) / len(cfg.sampling_seeds)
-                if len(out[m.name, seed][0][0]) < n:
-                    raise ValueError(f"model {m.name}: generate returned {len(out[m.name, seed][0][0])} frames, "
-                                     f"expected >= {n}")
-                if visibility and m.strategy == "millivid":
-                    out[f"{m.name} swap", seed] = m.generate(swapped, actions, seed)
+        for m, seed in ((m, seed) for m in models for seed in cfg.sampling_seeds):
+            t0 = time.perf_counter()
+            out[m.name, seed] = m.generate(visible, actions, seed)
+            torch.cuda.synchronize() if torch.cuda.is_available() else None  # (wall time of the work itself)
+            wall[m.name] += (time.perf_counter() - t0) / len(cfg.sampling_seeds)
+            if (got := len(out[m.name, seed][0][0])) < n:
+                raise ValueError(f"model {m.name}: generate returned {got} frames, expected >= {n}")
+            if probes and m.strategy == "millivid":
+                out[f"{m.name} swap", seed] = m.generate(swapped, actions, seed)
         for b, (i, v) in enumerate(zip(batch, videos)):
             truth = v.frames[c:n]
             frames = {(name, seed): decode_frames(decode, z[0][b, c:n], 0, device) for (name, seed), z in out.items()}
@@ -636,42 +613,37 @@ def evaluate_videos(cfg, keys, load, decode, models, palette=None, lpips_net=Non
             # latents at the same frame indices (real frames, no consistency: a lower bound)
             frames["ground-truth latents", 0] = decode_frames(decode, v.latents[0][c:n], 0, device)
             frames["random latents", 0] = decode_frames(decode, partner_latents(keys[partner[i]]), 0, device)
-            for (name, seed), f in frames.items():
-                if name in values:
-                    for metric, x in frame_metrics(f, truth, palette, lpips_net, device).items():
-                        x = x / (len(cfg.sampling_seeds) if name in wall else 1)  # the mean over sampling seeds
-                        if seed == cfg.sampling_seeds[0]:
-                            values[name].setdefault(metric, []).append(x)
-                        else:
-                            values[name][metric][-1] = values[name][metric][-1] + x
-            if visibility:
-                for name in dict.fromkeys(name for name, _ in frames):  # a video's sums: pooled over seeds
-                    probe.setdefault(name, []).append(sum(probe_sums(f, truth, probes[b][0], palette)
-                                                          for (x, _), f in frames.items() if x == name))
+            for name in dict.fromkeys(name for name, _ in frames):  # a video's metrics: the mean over sampling seeds
+                runs = [frame_metrics(f, truth, palette, lpips_net, device) | (probe_metrics(
+                    f, truth, probes[b][0], palette) if probes else {}) for (x, _), f in frames.items() if x == name]
+                for metric in runs[0]:
+                    values.setdefault(name, {}).setdefault(metric, []).append(np.mean([r[metric] for r in runs], 0))
             if i < cfg.num_samples:  # whole videos: the context as the decoder shows it, then the rollout
                 context, first = decode_frames(decode, v.latents[0][:c], 0, device), cfg.sampling_seeds[0]
                 plans_ = {m.name: [decode_frames(decode, z[b, :n], l, device) for l, z in enumerate(out[m.name, first])]
                           for m in models if len(out[m.name, first]) > 1}
                 mp = None if draw_map is None else (lambda t, v=v: draw_map(v.world, v.poses[:t + 1], c, cfg.map_size))
-                samples.append(Sample(keys[i], {"ground truth": v.frames[:n]} | {
-                    m.name: np.concatenate([context, frames[m.name, first]]) for m in models}, mp, plans_))
-    rows = [Row(m.name, {k: np.stack(x) for k, x in values[m.name].items()}, list(keys), False,
-                m.rollout_steps, m.network_evals, wall[m.name] / len(keys), m.trained) for m in models]
-    rows += [Row(name, {k: np.stack(x) for k, x in values[name].items()}, list(keys), True)
-             for name in ("ground-truth latents", "random latents")]
-    why = dict(UNAVAILABLE) | (unavailable or {})
-    if palette is None:
-        why["maze"] = "maze colour: not computed (no palette of base colours: Loopcraft has none)"
-    results = Results(rows, c, buckets, samples, why, dataclasses.asdict(cfg), cfg.fps)
-    if visibility:  # training seeds pooled per strategy: a video's sums added over its models
-        for strategy in dict.fromkeys(m.strategy for m in models):
-            names = [m.name for m in models if m.strategy == strategy]
-            for suffix in ("", " swap"):
-                if len(names) > 1 and names[0] + suffix in probe:
-                    probe[strategy + suffix] = [sum(x) for x in zip(*(probe[name + suffix] for name in names))]
-        results.probe = dict(sums=probe, models=list(dict.fromkeys(m.strategy for m in models)),
-                             swap=swaps)
-    return results
+                shown = {"ground truth": v.frames[:n]} | {m.name: np.concatenate([context, frames[m.name, first]])
+                                                          for m in models}
+                if probes:  # the probe's categories over the truth: green seen by all, blue MilliVid only, red none
+                    tint = np.array([[40, 220, 40], [40, 120, 255], [240, 40, 40]], np.uint8)[probes[b][0]] // 2
+                    shown["categories"] = np.concatenate([v.frames[:c], np.where(
+                        probes[b][0][..., None] >= 0, truth // 2 + tint, truth)])
+                samples.append(Sample(keys[i], shown, mp, plans_))
+    table = {name: {k: np.stack(x) for k, x in metrics.items()} for name, metrics in values.items()}
+    for strategy in dict.fromkeys(m.strategy for m in models if m.strategy):  # training seeds pooled: per video, mean
+        names = [m.name for m in models if m.strategy == strategy]
+        for suffix in ("", " swap") if len(names) > 1 else ():
+            if names[0] + suffix in table:
+                table[strategy + suffix] = {k: np.mean([table[x + suffix][k] for x in names], 0)
+                                            for k in table[names[0]]}
+    cost = {m.name: (m.rollout_steps, m.network_evals, wall[m.name] / len(keys), m.trained) for m in models}
+    refs = ("ground-truth latents", "random latents")
+    rows = [Row(name, t, list(keys), False, *cost.get(name, ())) for name, t in table.items() if name not in refs]
+    rows += [Row(name, table[name], list(keys), True) for name in refs]
+    why = dict(UNAVAILABLE) | (unavailable or {}) | ({} if palette is not None else {
+        "maze": "maze colour: not computed (no palette of base colours: Loopcraft has none)"})
+    return Results(rows, c, buckets, samples, why, dataclasses.asdict(cfg), cfg.fps)
 
 
 def evaluate(cfg):
@@ -703,9 +675,8 @@ def evaluate(cfg):
         def generate(latents, actions, seed):
             with autocast:
                 return rollout.generate(net, steps, latents, actions, cfg.context, cfg.total, grids,
-                                        dense=net.cfg.dense, num_clipped=clipped,
-                                        sampling_steps=cfg.sampling_steps, cfg_scale=cfg.cfg_scale,
-                                        generator=torch.Generator(device).manual_seed(seed))
+                                        dense=net.cfg.dense, num_clipped=clipped, sampling_steps=cfg.sampling_steps,
+                                        cfg_scale=cfg.cfg_scale, generator=torch.Generator(device).manual_seed(seed))
         return generate
 
     models = []

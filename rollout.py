@@ -49,10 +49,12 @@ class RolloutConfig:
     framepack_mirrored: tuple = (3, 12, 48, 192)  # mirrored FramePack D_l (the paper is silent; ours: = K)
     fullres_frames: int = 14                      # full-resolution rollout n: 7 + 7 frames, 3584 tokens
     upscale_frames: int = 2                       # rollout + upscale base frames B (the paper is silent)
+    sampling_steps: int = 50                      # DDIM steps per rollout step (App. A.2); evaluate.py's default
 
     def __post_init__(self):
-        if self.strategy not in STRATEGIES:
-            raise ValueError(f"RolloutConfig.strategy = {self.strategy!r}: expected one of {', '.join(STRATEGIES)}")
+        if self.strategy not in STRATEGIES or self.sampling_steps < 1:
+            raise ValueError(f"RolloutConfig: strategy = {self.strategy!r}, sampling_steps = {self.sampling_steps}: "
+                             f"expected one of {', '.join(STRATEGIES)}, sampling_steps >= 1")
 
     @property
     def dense(self):
@@ -70,10 +72,10 @@ PRESETS = {"paper": {},
            # toy: T_0 = 64, 320 tokens per step for each of MilliVid, dense FramePack, full-res (5 frames)
            "toy": dict(frames_per_level=W_TOY, extra_budget=64, framepack_denoised=1, framepack_context=W_TOY,
                        framepack_mirrored=W_TOY, fullres_frames=5),
-           # tiny: T_0 = 16, 64 tokens per step
+           # tiny: T_0 = 16, 64 tokens per step, 20 sampling steps (CPU); spin (the memory probe on a CPU): the same
            "tiny": dict(frames_per_level=W_TINY, extra_budget=16, framepack_denoised=1, framepack_context=W_TINY,
-                        framepack_mirrored=W_TINY, fullres_frames=4)}
-PRESETS["spin"] = PRESETS["tiny"]  # the memory probe on a CPU: tiny's tokens
+                        framepack_mirrored=W_TINY, fullres_frames=4, sampling_steps=20)}
+PRESETS["spin"] = PRESETS["tiny"]
 
 
 def rollout_config(preset="paper", **overrides) -> RolloutConfig:
@@ -253,8 +255,7 @@ def rollout_upscale_steps(base_frames, num_levels):
 
 
 def step_probabilities(steps):
-    """Training distribution (§3.2, Training Procedure): each group gets 1 / num_groups, split evenly
-    inside it: p(step) = 1 / (num_groups * size_of_its_group)."""
+    """Training distribution (§3.2): each group 1 / num_groups, split evenly: p = 1 / (num_groups * group size)."""
     size = Counter(s.group for s in steps)
     return np.array([1.0 / (len(size) * size[s.group]) for s in steps])
 
@@ -314,23 +315,17 @@ def knowledge(steps, start, end, faces, num_clipped=0):
     what its steps read. faces[f]: the set of wall faces frame f shows (frames < start are ground truth).
     A ground-truth cell knows its frame's faces; a cell a step denoises knows those of its frame's faces
     that some cell the step reads (CONTEXT) knows. Returns, per generated frame [start, end), `known`: the
-    faces its final level-0 cell can know, and `reach`: how far back (frames) the steps that write it read;
-    and `lag`: {ground-truth frame: the largest lag (frames) at which a step reads it for a frame it writes}."""
-    known = {(l, f): set(faces[f]) for l in range(len(steps[0].selection)) for f in range(start)}
-    reach, lag = {}, {}
+    faces its final level-0 cell can know, and `reach`: how far back (frames) the steps that write it read."""
+    known, reach = {(l, f): set(faces[f]) for l in range(len(steps[0].selection)) for f in range(start)}, {}
     for s in chunk_starts(steps, start, end, num_clipped):
         for step in steps:
             context = [(int(l), s + int(f)) for l, f in np.argwhere(step.selection == CONTEXT)]
             seen = set().union(*(known.get(cell, ()) for cell in context))
-            written = [s + int(f) for f in np.flatnonzero((step.selection == DENOISED).any(0))]
-            for f in {f for _, f in context if f < start}:
-                lag[f] = max(lag.get(f, 0), min(max(written), end - 1) - f)
             for l, f in np.argwhere(step.selection == DENOISED):  # later writes win, as in `generate`
                 t = s + int(f)
                 known[int(l), t] = (set(faces[t]) if t < end else set()) & seen
                 reach[t] = max(reach.get(t, 0), t - min(f for _, f in context))
-    return dict(known=[known[0, t] for t in range(start, end)], reach=[reach[t] for t in range(start, end)],
-                lag=lag)
+    return dict(known=[known[0, t] for t in range(start, end)], reach=[reach[t] for t in range(start, end)])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -429,21 +424,17 @@ def draw_steps(steps, tokens_per_frame, dense=False):
     return panels
 
 
-def save_picture(panels, path, gif=False):
-    """One sheet of all steps as a PNG (Fig. 10, left), or (gif=True) an animation, a step per frame."""
+def save_picture(panels, path):
+    """One sheet of all steps as a PNG (Fig. 10, left)."""
     w, h = panels[0].size
-    cols = 1 if gif else max(1, min(len(panels), 1600 // w))
-    sheet = Image.new("RGB", (cols * w, 18 + (1 if gif else math.ceil(len(panels) / cols)) * h), "white")
+    cols = max(1, min(len(panels), 1600 // w))
+    sheet = Image.new("RGB", (cols * w, 18 + math.ceil(len(panels) / cols) * h), "white")
     draw = ImageDraw.Draw(sheet)
     for k, (name, colour) in enumerate(COLOURS.items()):  # the legend on top
         draw.rectangle([4 + 90 * k, 4, 14 + 90 * k, 14], fill=colour)
         draw.text((18 + 90 * k, 3), name, fill="black")
-    frames = []
     for i, panel in enumerate(panels):
-        sheet.paste(panel, (0, 18) if gif else ((i % cols) * w, 18 + (i // cols) * h))
-        frames += [np.array(sheet)] if gif else []
-    if gif:  # 0.6 s per step
-        return data.write_video(path, frames, fps=1 / 0.6)
+        sheet.paste(panel, ((i % cols) * w, 18 + (i // cols) * h))
     data.atomic_write(path, lambda tmp: sheet.save(tmp, format="PNG"))
 
 
@@ -459,54 +450,46 @@ def main(argv=None):
     arg("--tokens", type=int, help="T_0, level-0 tokens per frame (default: the preset autoencoder's)")
     arg("--start", type=int, help="first generated frame (default: the preset's context)")
     arg("--end", type=int, help="frames of the video (default: the preset's)")
-    arg("--sampling-steps", type=int, default=50, help="DDIM steps per rollout step")
     arg("--dense", action="store_true", help="FramePack: count tokens as the dense paper baseline does")
     arg("--figures", action="store_true", help="show: print the derived figures after the grids")
     arg("--image", help="show: write every step into one PNG (Fig. 10)")
-    arg("--gif", help="show: write the steps as an animated GIF")
     arg("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="bench: cpu | cuda")
     arg("--batch", type=int, help="bench: default 48 on CUDA (the paper's), on CPU 16 / 4 / 1")
     arg("--iters", type=int, default=5, help="bench: timed steps per round")
     args, rest = parser.parse_known_args(argv)
-    for path in filter(None, (args.image, args.gif)):  # checked before any work
-        if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
-            raise SystemExit(f"{path}: folder {os.path.dirname(os.path.abspath(path))} does not exist")
+    if args.image and not os.path.isdir(os.path.dirname(os.path.abspath(args.image))):  # checked before any work
+        raise SystemExit(f"{args.image}: folder {os.path.dirname(os.path.abspath(args.image))} does not exist")
     if args.command == "bench":
         if args.device == "cuda" and not torch.cuda.is_available():
             raise SystemExit("bench: --device cuda but CUDA is not available here (use --device cpu)")
         preset = args.preset or ("tiny" if args.device == "cpu" else "paper")
-        batch = args.batch or (48 if args.device == "cuda" else {"tiny": 16, "toy": 4, "paper": 1}[preset])
+        batch = args.batch or (48 if args.device == "cuda" else {"toy": 4, "paper": 1}.get(preset, 16))
         (T0, _, _), cfg = preset_frames(preset), rollout_config(preset)  # the last MilliVid step: a level-0 target
         g0, step = math.isqrt(T0), millivid_steps(cfg.frames_per_level, cfg.extra_budget, T0)[-1]
-        layout = step_layout(step.selection, [(g0 >> l, g0 >> l) for l in range(len(cfg.frames_per_level))])
-        layout = {k: torch.from_numpy(v) for k, v in layout.items()}
-        return diffusion.bench(diffusion.dit_config(preset), layout | {"denoised": layout["role"] == DENOISED},
-                               args.device, batch, args.iters)
+        layout = step_tokens(step, [(g0 >> l, g0 >> l) for l in range(len(cfg.frames_per_level))], 1)
+        return diffusion.bench(diffusion.dit_config(preset), layout, args.device, batch, args.iters)
     preset = args.preset or "paper"  # T_0 and [start, end): the preset's unless given
     T0, start, end = (a or b for a, b in zip((args.tokens, args.start, args.end), preset_frames(preset)))
     try:
         cfg = rollout_config(preset, **data.parse_overrides(rest), strategy=args.strategy.replace("-", "_"))
         if args.command == "cost":
-            return print(cost_table(cfg, T0, start, end, args.sampling_steps), end="")
+            return print(cost_table(cfg, T0, start, end, cfg.sampling_steps), end="")
         steps, clipped = strategy_steps(cfg, T0)
         print(format_steps(steps, T0, args.dense), end="")
         if args.figures:
-            f = figures(steps, T0, start, end, clipped, args.dense, args.sampling_steps)
-            print(f"chunk frames {f['chunk_frames']}, first denoised frame D0 {f['first_denoised']}, new frames "
-                  f"per chunk {f['new_frames']}, tokens per step {f['tokens']}"
-                  + (" (every step)" if f["equal_tokens"] else " (at most)"))
-            for counts, group in dict.fromkeys((tuple(c), s.group) for c, s in zip(f["level_tokens"], steps)):
-                print(f"  {'step' if group is None else f'target level {group}'}: "
-                      + "  ".join(f"L{l} {c}" for l, c in enumerate(counts)))
-            c = f["chunk_starts"]
-            print(f"frames [{start}, {end}): {len(c)} chunks at {', '.join(map(str, c[:4]))}"
-                  f"{', ..., ' + str(c[-1]) if len(c) > 4 else ''} -> {f['rollout_steps']} rollout steps, "
-                  f"{f['nfe']} network evaluations")
+            f = figures(steps, T0, start, end, clipped, args.dense, cfg.sampling_steps)
+            c, groups = f["chunk_starts"], dict.fromkeys((tuple(n), s.group) for n, s in zip(f["level_tokens"], steps))
+            c = ", ".join(map(str, c[:4])) + (f", ..., {c[-1]}" if len(c) > 4 else "") + f" ({len(c)} chunks)"
+            print(f"chunk frames {f['chunk_frames']}, first denoised frame D0 {f['first_denoised']}, new frames per "
+                  f"chunk {f['new_frames']}, tokens per step {f['tokens']}" + (" (every step)" if f["equal_tokens"] else
+                  " (at most)"), *(f"  {'step' if g is None else f'target level {g}'}: " + "  ".join(
+                      f"L{l} {n}" for l, n in enumerate(counts)) for counts, g in groups), sep="\n")
+            print(f"frames [{start}, {end}): chunks at {c} -> {f['rollout_steps']} rollout steps, {f['nfe']} network "
+                  "evaluations")
     except (ValueError, TypeError) as e:
         parser.error(str(e))
-    for path, gif in ((args.image, False), (args.gif, True)):
-        if path:
-            save_picture(draw_steps(steps, T0, args.dense), path, gif)
+    if args.image:
+        save_picture(draw_steps(steps, T0, args.dense), args.image)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -105,15 +105,13 @@ def build(preset, overrides, makers, flag=""):
 
 def print_help(preset):
     """--help: the commands, the stages, the presets, and every setting with its default and meaning."""
-    print(__doc__ + f"\nPresets: paper, toy, tiny. Settings with their --preset {preset} values (--stage all: "
+    print(__doc__ + f"\nPresets: {', '.join(PRESETS)}. Settings with their --preset {preset} values (--stage all: "
           "prefix each with its stage, --data.*, --ae.*, --video.*, --eval.*):")
-    for what, config in (("data (data.py)", data.maze_config(preset)),
-                         ("ae (tokenizer.py)", tokenizer.ae_config(preset)),
-                         ("video (diffusion.py)", diffusion.dit_config(preset)),
-                         ("video strategy (rollout.py)", rollout.rollout_config(preset)),
-                         ("every training stage (train.py)", run_config(preset)),
-                         ("eval (evaluate.py)", evaluate.eval_config(preset))):
-        print(f"\n{what}:\n{evaluate.describe(config)}")
+    for what, make in (("data (data.py)", data.maze_config), ("ae (tokenizer.py)", tokenizer.ae_config),
+                       ("video (diffusion.py)", diffusion.dit_config),
+                       ("video strategy (rollout.py)", rollout.rollout_config),
+                       ("every training stage (train.py)", run_config), ("eval (evaluate.py)", evaluate.eval_config)):
+        print(f"\n{what}:\n{evaluate.describe(make(preset))}")
 
 
 # ----------------------------------------------------------------------------- setup
@@ -152,9 +150,8 @@ def make_optimizers(model, lr, weight_decay):
 
 
 def newton_schulz_fp32(grad, ns_coefficients, ns_steps, eps):
-    """Muon's orthogonalisation, torch's quintic Newton-Schulz iteration, in float32: torch.optim.Muon runs it
-    in bfloat16, which on a CPU is ~20x slower than float32 (a tiny 1.6 M-parameter DiT stepped at 0.6/s,
-    96% of it here). Used on CPUs only; GPUs keep torch's bfloat16 iteration."""
+    """Muon's orthogonalisation (torch's quintic Newton-Schulz iteration) in float32, for CPUs only: torch runs it
+    in bfloat16, with which a 1.6 M-parameter DiT stepped at 0.6/s on a CPU core, 96% of it here (float32: 3.9/s)."""
     a, b, c = ns_coefficients
     x = grad.float().T if grad.size(0) > grad.size(1) else grad.float()  # (short side, long side)
     x = x / x.norm().clamp(min=eps)  # spectral norm <= Frobenius norm <= 1
@@ -346,8 +343,7 @@ def train_loop(stage, cfg, run, preset, roll, rank, world, device, signals):
         print(f"{stage}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, "
               f"{len(dataset)} training items, device {device}, world {world}")
         if device.type == "cpu" and preset not in ("tiny", "spin"):  # the log lines' ETA will say how long, in hours
-            print(f"note: --preset {preset} is sized for a GPU; on this CPU it runs many hours. --preset tiny "
-                  "runs the whole pipeline here in minutes")
+            print(f"note: --preset {preset} is sized for a GPU; on this CPU it runs many hours (tiny: minutes)")
     # DDP only syncs gradients of what runs through forward(): the autoencoder's forward is its loss,
     # and diffusion.loss calls the wrapped video model
     wrapped = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
@@ -434,9 +430,12 @@ def train_loop(stage, cfg, run, preset, roll, rank, world, device, signals):
                   f" | grad {grad_norm.item():.3f} | {seen / dt:.1f} {'images' if stage == 'ae' else 'seqs'}/s | "
                   + evaluate.progress("steps", step - start_step, cfg.steps - start_step, t_start), flush=True)
             t0, seen = time.time(), 0
-        if master and stage == "ae" and (step % run.image_every == 0 or step == cfg.steps):
-            save_reconstructions(model, run.data, val_keys or train_keys,
-                                 os.path.join(run.out, f"recon-{step:08d}.png"), device)
+        if master and stage == "ae" and (step % run.image_every == 0 or step == cfg.steps):  # Fig. 5-style, held out
+            x = tokenizer.spread_frames(run.data, val_keys or train_keys, 4).to(device)
+            with torch.no_grad():
+                images = tokenizer.level_psnr(model.eval(), x)[1]
+            model.train()
+            tokenizer.save_levels_image(os.path.join(run.out, f"recon-{step:08d}.png"), x, images)
         if master and (step % run.ckpt_every == 0 or step == cfg.steps or stop):
             path = save_checkpoint(run.out, step, {"model": model.state_dict(), "step": step,
                                                    "optimizers": [o.state_dict() for o in optimizers],
@@ -452,17 +451,7 @@ def train_loop(stage, cfg, run, preset, roll, rank, world, device, signals):
     return model
 
 
-# ----------------------------------------------------------------------------- autoencoder extras
-
-@torch.no_grad()
-def save_reconstructions(model, frames_dir, keys, path, device, count=4):
-    """Fig. 5-style image of `count` frames spread over the held-out videos (tokenizer.save_levels_image)."""
-    x = tokenizer.spread_frames(frames_dir, keys, count).to(device)
-    was_training = model.training
-    _, images = tokenizer.level_psnr(model.eval(), x)
-    model.train(was_training)
-    tokenizer.save_levels_image(path, x, images)
-
+# ----------------------------------------------------------------------------- the encode stage
 
 @torch.no_grad()
 def encode_store(ae_ckpt, frames_dir, out_dir, batch_size=256):
@@ -558,7 +547,6 @@ def run_stage(stage, preset, overrides, root):
 
 
 STRATEGIES = ("millivid", "framepack", "fullres")  # the three models of --stage all (Table 1)
-video_folder = evaluate.video_folder
 
 
 def run_all(preset, overrides, root):
@@ -572,7 +560,7 @@ def run_all(preset, overrides, root):
                          f" or --eval.* (e.g. --ae.{stray[0]}=...)")
     maze, = build(preset, prefixed(overrides, "data"), {data.MazeConfig: data.maze_config}, "data.")
     evaluation, = stage_configs("eval", preset, prefixed(overrides, "eval"), root, "eval.")
-    videos = [{"strategy": s, "seed": k, "out": video_folder(root, s, k)} for k in evaluation.train_seeds
+    videos = [{"strategy": s, "seed": k, "out": evaluate.video_folder(root, s, k)} for k in evaluation.train_seeds
               for s in STRATEGIES]  # every model of the report, each training seed in its own folder
     for stage, over in (("ae", {}), *(("video", v) for v in videos)):
         stage_configs(stage, preset, {**over, **prefixed(overrides, stage)}, root, f"{stage}.")

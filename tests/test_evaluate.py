@@ -233,13 +233,13 @@ def test_protocol_and_report_write_every_output(tmp_path, lpips_random):
     cfg = ev.eval_config("tiny", context=C, total=F, buckets=(1, 5, 16), batch_size=2, num_samples=2)
     batches = iter([keys[i:i + 2] for i in range(0, 5, 2)])
 
-    def oracle(latents, actions):  # returns the true latents of its batch: checks the bookkeeping end to end
+    def oracle(latents, actions, seed=0):  # returns the true latents of its batch: checks the bookkeeping end to end
         assert all((z[:, C:] == 0).all() for z in latents), "frames after the context must be hidden"
         assert actions.shape == (len(latents[0]), F) and actions.dtype == torch.long
         ks = next(batches)
         return [torch.stack([torch.from_numpy(videos[k].latents[l].astype(np.float32)) for k in ks]) for l in range(2)]
 
-    def hold(latents, actions):  # repeats the last context frame; overshooting past F frames is allowed
+    def hold(latents, actions, seed=0):  # repeats the last context frame; overshooting past F frames is allowed
         return [latents[0][:, C - 1:C].expand(-1, F + 3, -1, -1)]
 
     calls = []
@@ -349,7 +349,7 @@ def test_bad_protocol_inputs_get_clear_errors():
     load = lambda k: fake_video(int(k[-1]))  # noqa: E731
     with pytest.raises(ValueError, match="context < total"):
         ev.evaluate_videos(ev.eval_config("tiny", context=F, total=F), keys, load, fake_decode, [])
-    short = ev.Model("short", lambda z, a: [z[0][:, :F - 1]])
+    short = ev.Model("short", lambda z, a, seed: [z[0][:, :F - 1]])
     with pytest.raises(ValueError, match="model short: generate returned 23 frames, expected >= 24"):
         ev.evaluate_videos(ev.eval_config("tiny", context=C, total=F, buckets=()), keys, load, fake_decode, [short])
     with pytest.raises(ValueError, match="test video 000/000: 24 frames, evaluation needs total=30"):

@@ -35,6 +35,9 @@ def test_tiny_pipeline_end_to_end(tmp_path):
         truth, random = rows["ground-truth latents"]["metrics"][metric], rows["random latents"]["metrics"][metric]
         assert all(truth[b] > random[b] for b in truth), (metric, truth, random)
     assert set(summary["unavailable"]) >= {"dino", "lightglue", "fid", "fvd"}  # said, never skipped silently
+    # the memory probe runs on every maze test split: MilliVid's swap control, a row per model, and its verdict
+    assert "millivid swap" in rows and "## Memory probe" in open(os.path.join(out, "results.md")).read()
+    assert set(rows["framepack"]["probe"]) == {f"{m}_{c}" for m in ("colour", "psnr") for c in ("all", "only", "none")}
     # a rerun resumes: every training stage finds its final checkpoint and does not train again
     log = run("--stage", "all", "--preset", "tiny", f"--root={root}", "--eval.num_videos=2",
               "--eval.models=millivid", f"--eval.out={root}/eval-rerun")
