@@ -52,8 +52,7 @@ class EvalConfig:
     fps: int = 20                       # Loopcraft's frame rate
     map_size: int = 128                 # top-down trajectory panel, pixels
     seed: int = 0                       # random-latents pairing
-    gate: float = 0.75                  # memory probe: compare memory once every model's colour agreement on
-                                        # pixels all see reaches this fraction of the ground-truth latents' agreement
+    gate: float = 0.75                  # memory probe: judged once each model's colour where all see >= gate x truth's
     train_seeds: tuple = (0,)           # each model trained with these seeds (seed k > 0: video-<name>-seed<k>)
     sampling_seeds: tuple = (0,)        # each rollout sampled with these noise seeds
     root: str = "runs/paper"            # the pipeline folder train.py wrote (data/, latents/, video-*/)
@@ -304,22 +303,26 @@ def probe_metrics(frames, truth, cat, palette):
 
 
 def probe_verdict(rows, gate):
-    """Plain language: is the memory effect confirmed, refuted, or not measurable at this scale, and why."""
+    """Plain language: is the memory effect confirmed, refuted, or not measurable at this scale, and why. The
+    gate: every model's colour on what all can see reaches `gate` x the ground-truth latents', and those beat
+    random latents beyond the spread (else a missing memory could be plain incompetence)."""
     models = [m for m in ("millivid", "framepack", "fullres", "framepack_hier", "upscale") if m in rows]
+    if models[:1] != ["millivid"] or len(models) < 2:
+        return "Not measurable: the probe compares MilliVid with at least one baseline."
     (g, g_se), (chance, c_se) = rows["ground-truth latents"]["colour_all"], rows["random latents"]["colour_all"]
-    low = [m for m in models if not rows[m]["colour_all"][0] >= gate * g]
-    if low or g - chance <= g_se + c_se or models[:1] != ["millivid"] or len(models) < 2:
-        return ("Not measurable at this scale: " + (f"on pixels every model can see, {', '.join(low)} reach(es) less "
-                f"than {gate:g} of the ground-truth latents' colour agreement ({g:.3f})" if low else
-                "the ground-truth latents do not beat random ones beyond the spread" if g - chance <= g_se + c_se else
-                "the probe compares MilliVid with at least one baseline") + ".")
+    low = [f"{m} {rows[m]['colour_all'][0]:.3f}" for m in models if not rows[m]["colour_all"][0] >= gate * g]
     (m, m_se), swap = rows["millivid"]["colour_only"], rows.get("millivid swap", {}).get("colour_only")
     lead = [b for b in models[1:] if m - rows[b]["colour_only"][0] > m_se + rows[b]["colour_only"][1]]
     drop = swap is not None and m - swap[0] > m_se + swap[1]
-    word = "Confirmed" if len(lead) == len(models) - 1 and drop else "Not confirmed"
-    return (f"{word} at this scale: on content only MilliVid can see, its colour agreement {m:.3f} leads "
-            f"{', '.join(lead) or 'no baseline'} beyond both standard errors, and the swap control "
-            + (f"drops it to {swap[0]:.3f}." if drop else "does not move it beyond the spread."))
+    others = ", ".join(f"{b} {rows[b]['colour_only'][0]:.3f}" for b in models[1:])
+    found = (f"on content only MilliVid can see, its colour agreement {m:.3f} leads {', '.join(lead) or 'no baseline'}"
+             f" beyond both standard errors ({others}), "
+             "and the swap control " + (f"drops it to {swap[0]:.3f}" if drop else "does not move it beyond the spread"))
+    if low or g - chance <= g_se + c_se:
+        return ("Not measurable at this scale by the gate: on pixels every model can see, " + (
+            f"{', '.join(low)} reach(es) less than {gate:g} x the ground-truth latents' {g:.3f}" if low else
+            "the ground-truth latents do not beat random ones beyond the spread") + f". (Measured all the same: {found}.)")
+    return f"{'Confirmed' if len(lead) == len(models) - 1 and drop else 'Not confirmed'} at this scale: {found}."
 
 
 # ----------------------------------------------------------------------------- results and report
@@ -626,9 +629,9 @@ def evaluate_videos(cfg, keys, load, decode, models, palette=None, lpips_net=Non
                 shown = {"ground truth": v.frames[:n]} | {m.name: np.concatenate([context, frames[m.name, first]])
                                                           for m in models}
                 if probes:  # the probe's categories over the truth: green seen by all, blue MilliVid only, red none
-                    tint = np.array([[40, 220, 40], [40, 120, 255], [240, 40, 40]], np.uint8)[probes[b][0]] // 2
+                    tint = np.array([[40, 220, 40], [40, 120, 255], [240, 40, 40]], np.uint8)[probes[b][0]]
                     shown["categories"] = np.concatenate([v.frames[:c], np.where(
-                        probes[b][0][..., None] >= 0, truth // 2 + tint, truth)])
+                        probes[b][0][..., None] >= 0, truth // 4 + tint // 4 * 3, truth)])
                 samples.append(Sample(keys[i], shown, mp, plans_))
     table = {name: {k: np.stack(x) for k, x in metrics.items()} for name, metrics in values.items()}
     for strategy in dict.fromkeys(m.strategy for m in models if m.strategy):  # training seeds pooled: per video, mean

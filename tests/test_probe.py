@@ -159,3 +159,17 @@ def test_probe_verdict():
     rows["framepack"] = row((0.3, 0.02), (0.1, 0.02))  # below the gate on what everyone sees: not measurable
     assert "framepack" in evaluate.probe_verdict(rows, 0.75) and evaluate.probe_verdict(rows, 0.75).startswith(
         "Not measurable")
+
+
+def test_toy_revisit_split_asks_for_memory_only_millivid_can_reach():
+    # the toy probe (python train.py --stage all --preset toy --data.walk=revisit): out 8 cells and back,
+    # a view comes back after ~100 frames, inside MilliVid's toy reach (85-148), beyond FramePack's (85)
+    cfg = data.maze_config("toy", walk="revisit", leg=8)
+    T0, c, n = rollout.preset_frames("toy")
+    world, p, _ = data._plan(cfg, "test", 0)
+    frames, face, wall = data.render(world, p, cfg.size, cfg.fov, faces=True)
+    plans = {s: rollout.strategy_steps(rollout.rollout_config("toy", strategy=s), T0)
+             for s in ("millivid", "framepack", "fullres")}
+    cat, swap = evaluate.probe_categories(plans, face, wall, [set(r.tolist()) for r in face], c)
+    share = [(cat == k).sum() / wall[c:].sum() for k in range(3)]
+    assert share[1] > 0.1 and share[0] > 0.05, share
