@@ -307,8 +307,10 @@ def probe_verdict(rows, gate):
     gate: every model's colour on what all can see reaches `gate` x the ground-truth latents', and those beat
     random latents beyond the spread (else a missing memory could be plain incompetence)."""
     models = [m for m in ("millivid", "framepack", "fullres", "framepack_hier", "upscale") if m in rows]
-    if models[:1] != ["millivid"] or len(models) < 2:
-        return "Not measurable: the probe compares MilliVid with at least one baseline."
+    if models[:1] != ["millivid"] or len(models) < 2 or not np.isfinite(rows["millivid"]["colour_only"][0]):
+        return ("Not measurable: " + ("no generated pixel shows content only MilliVid can see (these test videos do not "
+                "revisit at the lags where only MilliVid looks)." if len(models) > 1 and models[0] == "millivid" else
+                "the probe compares MilliVid with at least one baseline."))
     (g, g_se), (chance, c_se) = rows["ground-truth latents"]["colour_all"], rows["random latents"]["colour_all"]
     low = [f"{m} {rows[m]['colour_all'][0]:.3f}" for m in models if not rows[m]["colour_all"][0] >= gate * g]
     (m, m_se), swap = rows["millivid"]["colour_only"], rows.get("millivid swap", {}).get("colour_only")
@@ -428,7 +430,8 @@ def results_markdown(summary):
                  "classes (chance ≈ 1/8). The *swap* rows: per video, the context frames that show no face of a *seen "
                  "by all* pixel come from another video; *MilliVid only* counts only content that this swap takes "
                  "away.", ""] + _table([PROBE[m][0] for m in PROBE], [(r["name"], [
-                     f"{r['probe'][m][0]:.{d[m]}f} ± {r['probe'][m][1]:.{d[m]}f}" for m in PROBE])
+                     f"{r['probe'][m][0]:.{d[m]}f} ± {r['probe'][m][1]:.{d[m]}f}" if np.isfinite(r["probe"][m][0])
+                     else "— (no pixel)" for m in PROBE])
                      for r in summary["rows"]]) + ["", probe_verdict(probe, summary["config"].get("gate", 0.75)), ""]
     text += ["## Not measured", ""] + (
         [f"- {why}" for why in summary["unavailable"].values()] or ["- (everything was measured)"])
