@@ -281,7 +281,7 @@ def probe_categories(plans, face, wall, seen, context):
     every, some = np.logical_and.reduce(list(can.values())), np.logical_or.reduce(list(can.values()))
     common = set(face[context:][every].tolist())
     swap = [f for f in range(context) if not seen[f] & common]
-    only = can.get("millivid", ~every) & ~np.logical_or.reduce(
+    only = can.get("millivid", np.zeros_like(every)) & ~np.logical_or.reduce(  # (no MilliVid: none)
         [c for s, c in can.items() if s != "millivid"] or [np.zeros_like(every)])
     if "millivid" in plans:  # knowable from a swapped frame only
         only &= ~knows(plans["millivid"], [set() if f in swap else s for f, s in enumerate(seen)])

@@ -173,3 +173,11 @@ def test_toy_revisit_split_asks_for_memory_only_millivid_can_reach():
     cat, swap = evaluate.probe_categories(plans, face, wall, [set(r.tolist()) for r in face], c)
     share = [(cat == k).sum() / wall[c:].sum() for k in range(3)]
     assert share[1] > 0.1 and share[0] > 0.05, share
+
+
+def test_categories_without_millivid_or_without_baselines():
+    # no MilliVid among the compared models: nothing is 'MilliVid only'; MilliVid alone: nothing either
+    frames, face, wall, seen, plans, c = probe_video()
+    for compared in ({"framepack", "fullres"}, {"millivid"}):
+        cat, _ = evaluate.probe_categories({s: plans[s] for s in compared}, face, wall, seen, c)
+        assert not (cat == 1).any() and (cat == 0).any() and (cat == 2).any(), compared
