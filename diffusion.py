@@ -30,7 +30,7 @@ from tokenizer import AdaLNBlock, modulate, per_token, sincos_embed
 class DiTConfig:
     # model: DiT-B (App. A.2)
     depth: int = 12               # transformer blocks
-    width: int = 768                # divisible by 6 (3D sin/cos) and by heads
+    width: int = 768                # divisible by heads; >= 12 (3D sin/cos: width//6 frequencies per axis)
     heads: int = 12               # attention heads
     mlp_ratio: int = 4            # MLP hidden width / width
     channels: int = 32              # latent channels C of the autoencoder
@@ -50,8 +50,8 @@ class DiTConfig:
 
     def __post_init__(self):
         for ok, name, expected in [
-                (self.width % 6 == 0 and self.width % self.heads == 0, "width", f"divisible by 6 (3D sin/cos) "
-                 f"and by heads={self.heads}"),
+                (self.width >= 12 and self.width % self.heads == 0, "width", f">= 12 (3D sin/cos) and divisible "
+                 f"by heads={self.heads}"),
                 (self.shift > 0, "shift", "> 0"),
                 (0 <= self.cfg_dropout <= 1, "cfg_dropout", "in [0, 1]"),
                 (self.steps >= 1 and self.batch_size >= 1 and self.warmup >= 0, "steps", ">= 1, batch_size >= 1"),
@@ -98,16 +98,19 @@ def alpha_sigma(t, shift=1.0, bound=15.0):
 
 
 def timestep_embedding(t, dim=256, max_period=10_000):
-    """Sin/cos features of the diffusion time (DiT). t in [0, 1] is scaled to [0, 1000] as in DiT."""
+    """Sin/cos features of the diffusion time (DiT): [cos(1000·t·ω_i), sin(1000·t·ω_i)], t in [0, 1] scaled to
+    DiT's [0, 1000], ω_i = max_period^(-i/(dim/2-1)) (the authors' table, with its -1: see sincos_embed)."""
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / (half - 1))
     angles = 1000 * t.float()[:, None] * freqs  # (U, half)
     return torch.cat([angles.cos(), angles.sin()], dim=-1)
 
 
 def sincos_3d(frame, row, col, width):
-    """3D sin/cos position (App. A.2): width/3 channels each for frame, row, col. (B, T) -> (B, T, width)."""
-    return torch.cat([sincos_embed(p, width // 3) for p in (frame, row, col)], dim=-1)
+    """3D sin/cos position (App. A.2): width//6 frequencies each for frame, row, col, zero-padded to width
+    when 6 does not divide it (as the authors do). (B, T) -> (B, T, width)."""
+    pe = torch.cat([sincos_embed(p, width // 6 * 2) for p in (frame, row, col)], dim=-1)  # (B, T, 6·(width//6))
+    return F.pad(pe, (0, width - pe.shape[-1]))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -130,12 +133,13 @@ class FinalLayer(nn.Module):
 
 
 def space_to_depth(a, frames, h, w, p):
-    """Pack p x p patches of row-major level-0 cells: (B, frames*h*w, D) -> (B, frames*(h/p)*(w/p), p*p*D).
+    """Pack p x p patches of row-major level-0 cells: (B, frames*h*w, D) -> (B, frames*(h/p)*(w/p), D*p*p).
 
-    The packed vector of a patch lists its tokens row-major (r0c0, r0c1, ..., r1c0, ...)."""
+    The packed vector of a patch is channel-major (c, ph, pw): channel 0 of its p*p tokens row-major, then
+    channel 1, ...: the authors' order, which their packing Linears were trained on."""
     B, D = a.shape[0], a.shape[-1]
-    a = a.reshape(B, frames, h // p, p, w // p, p, D)  # (B, F, h/p, p, w/p, p, D)
-    return a.permute(0, 1, 2, 4, 3, 5, 6).reshape(B, frames * (h // p) * (w // p), p * p * D)
+    a = a.reshape(B, frames, h // p, p, w // p, p, D)  # (B, F, h/p, ph, w/p, pw, D)
+    return a.permute(0, 1, 2, 4, 6, 3, 5).reshape(B, frames * (h // p) * (w // p), D * p * p)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -182,9 +186,12 @@ class VideoDiT(nn.Module):
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
-        # timestep MLP and the learned level / action embeddings: N(0, 0.02) (DiT)
-        for m in [self.t_embed[0], self.t_embed[2], self.level_embed, self.action_embed]:
+        # timestep MLP: N(0, 0.02) (DiT); the level and action tables: N(0, 1) (nn.Embedding's default, the
+        # authors' choice), on the scale of the sin/cos features they are added to
+        for m in [self.t_embed[0], self.t_embed[2]]:
             nn.init.normal_(m.weight, std=0.02)
+        for m in [self.level_embed, self.action_embed]:
+            nn.init.normal_(m.weight, std=1.0)
         # adaLN-Zero: every block's shift/scale/gate start at 0, so each block starts as the identity
         for block in self.blocks:
             nn.init.zeros_(block.adaLN_modulation[-1].weight)
@@ -224,7 +231,7 @@ class VideoDiT(nn.Module):
             # a packed token keeps its top-left token's (t, frame, level, action), equal over the patch, and
             # takes its (row, col) in the downsampled grid
             m = torch.stack([t, frame, level, row // p, col // p, action], -1)[:, cells].to(t.dtype)  # (B, n, 6)
-            meta.append(space_to_depth(m, frames, h, w, p)[..., :6])  # (B, F_k h w / p², 6)
+            meta.append(space_to_depth(m, frames, h, w, p)[..., ::p * p])  # (B, F_k h w / p², 6): top-left token
             start += n
         t, frame, level, row, col, action = torch.cat(meta, 1).unbind(-1)  # (B, T') each
         return torch.cat(tokens, 1), t, *(a.long() for a in (frame, level, row, col, action)), counts[0]

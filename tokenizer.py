@@ -137,22 +137,24 @@ def mean_pool_tokens(z, h, w):
 # ----------------------------------------------------------------------------- positions
 
 def sincos_embed(pos, dim):
-    """1D sin/cos embedding (Transformer, MAE): pos (...) → (..., dim), [sin(pos·ω_i), cos(pos·ω_i)] with
-    ω_i = 10000^(-i/(dim/2)), i < dim/2."""
-    omega = 10000.0 ** -(torch.arange(dim // 2, dtype=torch.float32, device=pos.device) / (dim // 2))
+    """1D sin/cos embedding: pos (...) → (..., dim), [sin(pos·ω_i), cos(pos·ω_i)] with ω_i = 10000^(-i/(dim/2-1)),
+    i < dim/2. The -1 (frequencies from 1 down to exactly 1/10000) is the authors' table: their released
+    weights were trained on it, so it must match to the cell (tokenizer.from_official)."""
+    n = dim // 2
+    omega = 10000.0 ** -(torch.arange(n, dtype=torch.float32, device=pos.device) / max(n - 1, 1))
     angle = pos.float()[..., None] * omega                   # (..., dim/2)
     return torch.cat([angle.sin(), angle.cos()], dim=-1)     # (..., dim)
 
 
 def pyramid_layout(grids, width):
     """Per-token 2D sin/cos position (T, width) and level index (T,), level-major then row-major.
-    Rows fill the first half of the channels, columns the second (MAE). (row, col) count in the token's
-    own level grid, not rescaled to level 0 (§3.1); the level embedding tells the levels apart."""
+    Columns fill the first half of the channels, rows the second (the authors' order). (row, col) count in
+    the token's own level grid, not rescaled to level 0 (§3.1); the level embedding tells the levels apart."""
     pos, level = [], []
     for l, (h, w) in enumerate(grids):
         row, col = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")  # (h, w) each
-        pos.append(torch.cat([sincos_embed(row.flatten(), width // 2),
-                              sincos_embed(col.flatten(), width // 2)], dim=-1))   # (h·w, width)
+        pos.append(torch.cat([sincos_embed(col.flatten(), width // 2),
+                              sincos_embed(row.flatten(), width // 2)], dim=-1))   # (h·w, width)
         level.append(torch.full((h * w,), l))
     return torch.cat(pos), torch.cat(level)                  # (T, width), (T,)
 
@@ -460,8 +462,8 @@ class HierarchicalAutoencoder(nn.Module):
 # ----------------------------------------------------------------------------- checkpoints and provenance
 
 # train.py's checkpoints: {"model", "step", "optimizers", "config": {"stage", "format", "model", "rollout", "run",
-# ...}}. Format 2: the shared adaLN-Zero block and RolloutConfig; other formats are refused, never misread.
-CHECKPOINT_FORMAT = 2
+# ...}}. Format 3: the authors' sin/cos tables and FramePack packing order; other formats are refused, never misread.
+CHECKPOINT_FORMAT = 3
 
 
 def newest_checkpoint(folder):

@@ -78,8 +78,8 @@ def test_config_presets_and_strict_overrides():
     assert d.dit_config("toy").width % 6 == 0 and (TINY.channels, TINY.levels) == (8, 3)
     assert d.dit_config("tiny", depth=3).depth == 3
     assert TINY_DENSE.dense and not TINY.dense
-    for bad, match in [(dict(widht=48), "widht"), (dict(width=48.0), "width"), (dict(width=64), "width"),
-                       (dict(strategy="millivid"), "strategy")]:  # the strategy is rollout.RolloutConfig's
+    for bad, match in [(dict(widht=48), "widht"), (dict(width=48.0), "width"), (dict(width=49), "width"),
+                       (dict(width=10, heads=1), "width"), (dict(strategy="millivid"), "strategy")]:  # the strategy is rollout.RolloutConfig's
         with pytest.raises(ValueError, match=match):
             d.dit_config("tiny", **bad)
     with pytest.raises(ValueError, match="preset"):
@@ -251,9 +251,25 @@ def test_residual_stream_is_float32_under_bf16_autocast(cfg, step):
 
 
 def test_space_to_depth_by_hand():
-    a = torch.arange(16.0).view(1, 16, 1)  # one 4x4 frame, value = 4 row + col
+    # one 4x4 frame of 2 channels: channel 0 = 4 row + col, channel 1 = 100 + 4 row + col
+    a = torch.stack([torch.arange(16.0), 100 + torch.arange(16.0)], -1).view(1, 16, 2)
     packed = d.space_to_depth(a, frames=1, h=4, w=4, p=2)
-    assert packed.squeeze(0).tolist() == [[0, 1, 4, 5], [2, 3, 6, 7], [8, 9, 12, 13], [10, 11, 14, 15]]
+    # channel-major (c, ph, pw), as the authors' `b f c (h ph) (w pw) -> b f h w (c ph pw)`
+    assert packed.squeeze(0).tolist() == [[0, 1, 4, 5, 100, 101, 104, 105], [2, 3, 6, 7, 102, 103, 106, 107],
+                                          [8, 9, 12, 13, 108, 109, 112, 113], [10, 11, 14, 15, 110, 111, 114, 115]]
+
+
+def test_fixed_tables_by_hand():
+    """The authors' tables, written out: 3D positions with width//6 frequencies 10000^(-i/(width//6-1)) per
+    axis in (frame, row, col) order and zero padding; time features with exponents i/(half-1)."""
+    frame, row, col = torch.tensor([[5]]), torch.tensor([[2]]), torch.tensor([[3]])
+    pe = d.sincos_3d(frame, row, col, 20)[0, 0]  # 20 // 6 = 3 frequencies: 1, 0.01, 0.0001; 2 zeros of padding
+    w = torch.tensor([1.0, 1e-2, 1e-4])
+    expect = torch.cat([torch.cat([(p * w).sin(), (p * w).cos()]) for p in (5.0, 2.0, 3.0)] + [torch.zeros(2)])
+    torch.testing.assert_close(pe, expect)
+    t = torch.tensor([0.25])
+    f = torch.tensor([10000.0 ** -(i / 3) for i in range(4)])  # half = 4: exponents 0, 1/3, 2/3, 1
+    torch.testing.assert_close(d.timestep_embedding(t, dim=8)[0], torch.cat([(250 * f).cos(), (250 * f).sin()]))
 
 
 def test_dense_framepack_uses_packed_context_and_predicts_only_group_0():

@@ -107,10 +107,12 @@ def test_positions_in_own_level_grid():
     assert pos[0].tolist() == ([0.0] * 4 + [1.0] * 4) * 2
     # level-1 token (row 1, col 0) has the same position as level-0 (row 1, col 0): no rescaling
     assert torch.equal(pos[16 + 2], pos[4])
-    # row 1: frequencies ω_i = 10000^(-i/4) = 1, 0.1, …: [sin 1, sin 0.1, …, cos 1, …]; column 0: [0…, 1…]
-    assert pos[4, 0].item() == pytest.approx(0.8414710) and pos[4, 1].item() == pytest.approx(0.0998334)
-    assert pos[4, 4].item() == pytest.approx(0.5403023)
-    assert pos[4, 8:].tolist() == [0.0] * 4 + [1.0] * 4
+    # the authors' table: columns first, then rows; frequencies ω_i = 10000^(-i/3) = 1, 0.0464, 0.00215, 1e-4
+    # (from 1 down to exactly 1e-4). Row 1, column 0: [0…, 1…] then [sin 1, sin 0.0464, …, cos 1, …]
+    assert pos[4, :8].tolist() == [0.0] * 4 + [1.0] * 4
+    assert pos[4, 8].item() == pytest.approx(0.8414710) and pos[4, 9].item() == pytest.approx(0.0463992)
+    assert pos[4, 11].item() == pytest.approx(1e-4) and pos[4, 12].item() == pytest.approx(0.5403023)
+    assert pos[1, 0].item() == pytest.approx(0.8414710)  # row 0, column 1
 
 
 # ----------------------------------------------------------------------------- encoder
@@ -311,7 +313,7 @@ def test_checkpoints_load_themselves_and_old_formats_are_refused(tiny, tmp_path)
     assert not loaded.training and loaded.cfg == model.cfg
     old = {k: v for k, v in config.items() if k != "format"}
     torch.save({"model": model.state_dict(), "config": old}, tmp_path / "ckpt-00000002.pt")
-    with pytest.raises(ValueError, match=r"ckpt-00000002.pt: .*format 1.*expected stage 'ae', format 2"):
+    with pytest.raises(ValueError, match=rf"ckpt-00000002.pt: .*format 1.*expected stage 'ae', format {CHECKPOINT_FORMAT}"):
         HierarchicalAutoencoder.from_checkpoint(str(tmp_path))
     with pytest.raises(ValueError, match="expected stage 'video'"):
         read_checkpoint(str(tmp_path / "ckpt-00000001.pt"), "video")
