@@ -16,6 +16,7 @@ those to denoise (rollout.py lays steps out; `python rollout.py bench` runs `ben
 import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -258,6 +259,26 @@ class VideoDiT(nn.Module):
             h = block(h, c, index)
         v = self.final(h[:, :n0], c, index[:, :n0])  # (B, n0, C): only k = 0 tokens are ever denoised
         return F.pad(v, (0, 0, 0, T - n0))  # (B, T, C); zeros on packed context groups
+
+
+# The authors' video checkpoints (millivid_192k.ckpt, full_resolution_rollout_192k.ckpt: the "universal" model;
+# framepack_192k.ckpt: dense) name our parts so (tokenizer.load_official); `decoder.*`, when present, is
+# their copy of the autoencoder's decoder (tokenizer.from_official reads it)
+OFFICIAL_DIT = [("dit.dit.dit.blocks.", "blocks."), ("dit.dit.time_embedding.mlp.", "t_embed."),
+                ("dit.dit.level_embedding.", "level_embed."), ("dit.dit.action_encoder.action_embedding.", "action_embed."),
+                ("dit.patchify.", "embed."), ("dit.unpatchify.linear.", "final.out."),
+                ("dit.unpatchify.adaLN_modulation.", "final.adaLN_modulation.")]
+
+
+def from_official(source, cfg=None):
+    """The authors' video model in our VideoDiT, in eval mode. cfg: the paper's DiT-B, dense (FramePack) when
+    the file packs context with one Linear per group (`dit.patchify.0.weight`), by default."""
+    state = tokenizer.official_state_dict(source)
+    cfg = cfg or dit_config("paper", dense="dit.patchify.0.weight" in state)
+    name = str(source) if isinstance(source, (str, Path)) else "a state dict"
+    model = tokenizer.load_official(VideoDiT(cfg), state, OFFICIAL_DIT, skip=("decoder.",), name=name)
+    model.source = name
+    return model
 
 
 # ----------------------------------------------------------------------------------------------------

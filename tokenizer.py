@@ -387,6 +387,8 @@ class HierarchicalAutoencoder(nn.Module):
     def encode(self, x):
         """x (B, 3, H, W) in [0, 1] → list over levels of latents (B, T_l, C) in [-1, 1]."""
         S = self.cfg.image_size
+        if self.encoder is None:
+            raise ValueError(f"encode: {self.source}: a decoder imported without its encoder (a video checkpoint)")
         if x.dim() != 4 or tuple(x.shape[1:]) != (3, S, S):
             raise ValueError(f"encode: x has shape {tuple(x.shape)}, expected (B, 3, {S}, {S})")
         z = list(self.encoder(x).split(self.tokens_per_level, dim=1))  # [(B, T_l, C)]
@@ -524,6 +526,88 @@ def read_latents(root, key, level, start, stop):
     if len(z) != stop - start:                      # the store's index.json promised more frames
         raise ValueError(f"{path}: frames [{start}, {stop}) requested, the file holds {start + len(z)} or fewer")
     return z
+
+
+def read_pyramid(path, grids, channels, action_dim=6):
+    """The authors' latent file (`.pyramid`, their test latents in charatan/loopcraft): per video, sections
+    s = 0..L-1, each holding for every frame the bf16 latents (C, h_l, w_l) of levels s..L-1, then the frame's
+    float32 action row [action, x, y, z, yaw, pitch]. Section 0 alone holds everything: returns its latents per
+    level as (F, T_l, C) float32 (tokens row-major, as our store) and the actions (F, action_dim) float32."""
+    level_bytes = [2 * channels * h * w for h, w in grids]
+    row = sum(level_bytes) + 4 * action_dim                   # one frame of section 0
+    per_frame = sum(sum(level_bytes[s:]) + 4 * action_dim for s in range(len(grids)))  # over all sections
+    size = os.path.getsize(path)
+    if size == 0 or size % per_frame:
+        raise ValueError(f"{path}: {size} bytes is not a whole number of frames of {per_frame} bytes (levels "
+                         f"{grids} x {channels} channels in bf16 + {action_dim} float32 actions): truncated or another layout")
+    frames = np.fromfile(path, np.uint8, count=size // per_frame * row).reshape(-1, row)  # (F, row) section 0
+    levels, at = [], 0
+    for (h, w), n in zip(grids, level_bytes):
+        u16 = frames[:, at:at + n].copy().view(np.uint16).astype(np.uint32)               # bf16 bit patterns
+        z = (u16 << 16).view(np.float32).reshape(-1, channels, h * w)                       # bf16 -> float32 exactly
+        levels.append(np.ascontiguousarray(z.transpose(0, 2, 1)))                           # (F, h·w, C)
+        at += n
+    actions = frames[:, at:].copy().view(np.float32)                                        # (F, action_dim)
+    if not (all(np.isfinite(z).all() for z in levels) and np.isfinite(actions).all()):
+        raise ValueError(f"{path}: non-finite latents or actions")
+    return levels, actions
+
+
+# ----------------------------------------------------------------------------- the authors' released weights
+# Their checkpoints (Hugging Face charatan/millivid; never downloaded here) are torch.save dicts whose "model" is
+# the state dict. Their names -> ours, first matching prefix wins; the architecture is the same to the cell.
+
+OFFICIAL_AE = [("encoder.transformer.blocks.", "encoder.blocks."), ("encoder.patchify.", "encoder.patch_embed.proj."),
+               ("encoder.level_embedding.", "encoder.level_embed."), ("encoder.bottleneck.", "encoder.bottleneck."),
+               ("decoder.transformer.blocks.", "decoder.blocks."), ("decoder.unbottleneck.", "decoder.in_proj."),
+               ("decoder.level_embedding.", "decoder.level_embed."), ("decoder.unpatchify.", "decoder.head.")]
+
+
+def official_state_dict(source):
+    """The state dict of an authors' checkpoint: `source` is a file path, a torch.save dict with "model", or a
+    state dict."""
+    if isinstance(source, (str, Path)):
+        if not os.path.isfile(source):
+            raise FileNotFoundError(f"{source}: no such checkpoint file (the authors' releases are on the Hugging "
+                                    f"Face hub, charatan/millivid; download them yourself, see the README)")
+        source = torch.load(source, map_location="cpu", weights_only=True, mmap=True)
+    return source.get("model", source)
+
+
+def load_official(module, state, rules, skip=(), name="checkpoint"):
+    """Load an authors' state dict into `module`: each key renamed by the first of `rules` (their prefix, ours)
+    that matches; keys under a `skip` prefix are left out on purpose. Every entry of module.state_dict() must
+    arrive with its shape, and every key must have a place: otherwise an error names the key (and shapes)."""
+    ours, mapped = module.state_dict(), {}
+    for key, value in state.items():
+        if key.startswith(tuple(skip)):
+            continue
+        new = next((mine + key[len(theirs):] for theirs, mine in rules if key.startswith(theirs)), None)
+        if new not in ours:
+            raise KeyError(f"{name}: key {key!r} has no counterpart in {type(module).__name__}")
+        if value.shape != ours[new].shape:
+            raise ValueError(f"{name}: {key} has shape {tuple(value.shape)}, {new} here {tuple(ours[new].shape)}")
+        mapped[new] = value
+    if missing := [k for k in ours if k not in mapped]:   # named as the authors' file would name them
+        theirs = [next((t + k[len(m):] for t, m in rules if k.startswith(m)), k) for k in missing]
+        raise KeyError(f"{name}: {len(missing)} keys missing, e.g. {', '.join(theirs[:3])}")
+    module.load_state_dict(mapped)
+    return module.eval()
+
+
+def from_official(source, cfg=None):
+    """The authors' autoencoder in our HierarchicalAutoencoder (cfg: the paper's, ae_config("paper"), by default).
+    From their autoencoder checkpoint (autoencoder_3zg3ovzdhnun_128000.ckpt): encoder and decoder; their LPIPS
+    network (`lpips.*`, a training loss) is left out. From a video checkpoint (`dit.*`), when it holds a copy
+    of the decoder (`decoder.*`): the decoder only, and encode() refuses."""
+    state = official_state_dict(source)
+    model = HierarchicalAutoencoder(cfg or ae_config("paper"))
+    if not any(k.startswith("encoder.") for k in state):
+        if not any(k.startswith("decoder.") for k in state):
+            raise KeyError(f"{source}: neither encoder.* nor decoder.* keys: not an autoencoder or video checkpoint")
+        model.encoder = None
+    model.source = str(source) if isinstance(source, (str, Path)) else "a state dict"
+    return load_official(model, state, OFFICIAL_AE, skip=("lpips.", "dit."), name=model.source)
 
 
 def git_commit():
