@@ -2,9 +2,13 @@
 
 Loopcraft (§4): 1024-frame Minecraft videos of an agent running forward with random 90° turns, biased to pairs and
 quartets so it keeps coming back; its test set (App. A.1) keeps action sequences whose late path revisits the context.
-Here: the frame store every stage reads (per video: packed PNGs, (frames, 6) poses [action, x, y, z, yaw, pitch]);
-`prepare` (released Loopcraft -> it); the maze (Loopcraft's walk and test selection, and the memory probe's scripted
-walks, in a ray-cast grid world); the top-down map and video writer of `show` and evaluate.py; atomic writes.
+Here: the frame store every stage reads (per video: packed PNGs, (frames, 6) poses); `prepare` (released Loopcraft
+-> it); the maze (Loopcraft's walk and test selection, and the memory probe's scripted walks, in a ray-cast grid
+world); the top-down map and video writer of `show` and evaluate.py; atomic writes.
+
+Poses, the maze's as Loopcraft's, are MineRL's [action, x, y, z, yaw, pitch]: action 0 forward, 1 left, 2 right; y up,
+the ground (x, z); yaw in degrees, 0 facing +z, facing (-sin yaw, cos yaw), a right turn adding 10°. In the maze x is
+the row and z the column of the grid, in cells ((column, row) would mirror the views), y the eye height, pitch 0.
 
     python data.py maze --out data/maze --preset toy [--split test] [--videos=N --frames=F --key=value ...]
     python data.py prepare LOOPCRAFT_SPLIT data/loopcraft
@@ -177,46 +181,46 @@ def make_world(rng: np.random.Generator, n: int, density: float) -> np.ndarray:
 
 
 def start_state(rng: np.random.Generator, world: np.ndarray) -> tuple[int, int, int]:
-    """(x, y, yaw): the centre of a random floor cell in the middle half whose 4 neighbours are free."""
+    """(x, z, yaw), x, z in units: the centre of a random floor cell in the middle half, 4 neighbours free."""
     n = len(world)
-    y, x = np.mgrid[:n, :n]
+    x, z = np.mgrid[:n, :n]                         # x the row, z the column
     free = world == 0
-    ok = free & (abs(x - n / 2) < n / 4) & (abs(y - n / 2) < n / 4)
+    ok = free & (abs(x - n / 2) < n / 4) & (abs(z - n / 2) < n / 4)
     ok[1:-1, 1:-1] &= free[:-2, 1:-1] & free[2:, 1:-1] & free[1:-1, :-2] & free[1:-1, 2:]
     cells = np.argwhere(ok)
     if len(cells) == 0:
         raise ValueError("world has no free cell to start in")
-    cy, cx = cells[rng.integers(len(cells))]
-    return int(cx) * UNIT + UNIT // 2, int(cy) * UNIT + UNIT // 2, int(rng.integers(4)) * 90
+    cx, cz = cells[rng.integers(len(cells))]
+    return int(cx) * UNIT + UNIT // 2, int(cz) * UNIT + UNIT // 2, -90 * int(rng.integers(4)) % 360
 
 
 def simulate(world: np.ndarray, actions: np.ndarray, start: tuple[int, int, int]) -> np.ndarray:
-    """Poses (n, frames, 6) float32 [action, x, y, z, yaw, pitch] of action sequences (n, frames): x, y in
-    cells (column, row of `world`), z the eye height, yaw in degrees (0 = +x, left turns add), pitch 0.
-    Frame t is observed after action t. A forward frame moves 1/9 cell unless the body would enter a wall."""
-    x0, y0, yaw0 = start
+    """Poses (n, frames, 6) float32 [action, x, y, z, yaw, pitch] (module docstring: x the row, z the column of
+    `world`) of action sequences (n, frames) from `start` (x, z in units, yaw). Frame t is observed after action t.
+    A forward frame moves 1/9 cell along (-sin yaw, cos yaw) unless the body would enter a wall."""
+    x0, z0, yaw0 = start
     n, frames = actions.shape
-    yaw = (yaw0 + TURN * np.cumsum((actions == LEFT).astype(np.int64) - (actions == RIGHT), 1)) % 360
+    yaw = (yaw0 + TURN * np.cumsum((actions == RIGHT).astype(np.int64) - (actions == LEFT), 1)) % 360  # right adds
     fwd = actions == FORWARD
     if np.any(fwd & (yaw % 90 != 0)):
         raise ValueError("a forward frame at a yaw that is not a multiple of 90°: hold turns 9 frames")
-    q = yaw // 90                                               # forwards only ever run along an axis
-    dx, dy = (np.where(fwd, np.array(d)[q], 0) for d in ([1, 0, -1, 0], [0, 1, 0, -1]))   # (n, frames) each
-    x, y = np.full(n, x0), np.full(n, y0)
-    xs, ys = np.empty((n, frames), np.int64), np.empty((n, frames), np.int64)
+    q = yaw // 90                                   # forwards only ever run along an axis: +z, -x, -z, +x at q = 0..3
+    dx, dz = (np.where(fwd, np.array(d)[q], 0) for d in ([0, -1, 0, 1], [1, 0, -1, 0]))   # (n, frames) each
+    x, z = np.full(n, x0), np.full(n, z0)
+    xs, zs = np.empty((n, frames), np.int64), np.empty((n, frames), np.int64)
     for t in range(frames):
-        nx, ny = x + STEP * dx[:, t], y + STEP * dy[:, t]
-        free = world[(ny + RADIUS * dy[:, t]) // UNIT, (nx + RADIUS * dx[:, t]) // UNIT] == 0
-        x, y = np.where(free, nx, x), np.where(free, ny, y)
-        xs[:, t], ys[:, t] = x, y
+        nx, nz = x + STEP * dx[:, t], z + STEP * dz[:, t]
+        free = world[(nx + RADIUS * dx[:, t]) // UNIT, (nz + RADIUS * dz[:, t]) // UNIT] == 0
+        x, z = np.where(free, nx, x), np.where(free, nz, z)
+        xs[:, t], zs[:, t] = x, z
     zeros = np.zeros((n, frames))
-    return np.stack([actions, xs / UNIT, ys / UNIT, zeros + EYE, yaw, zeros], -1).astype(np.float32)
+    return np.stack([actions, xs / UNIT, zeros + EYE, zs / UNIT, yaw, zeros], -1).astype(np.float32)
 
 
-def chamfer(xy: np.ndarray, context: int) -> np.ndarray:
-    """Symmetric Chamfer distance (n,) between context points xy[:, :context] and the rest (App. A.1):
+def chamfer(xz: np.ndarray, context: int) -> np.ndarray:
+    """Symmetric Chamfer distance (n,) between ground points (x, z) xz[:, :context] and the rest (App. A.1):
     mean nearest-neighbour Euclidean distance in both directions, summed."""
-    a, b = xy[:, :context].astype(np.float64), xy[:, context:].astype(np.float64)
+    a, b = xz[:, :context].astype(np.float64), xz[:, context:].astype(np.float64)
     # |a - b|² = |a|² + |b|² - 2 a·b, one (n, C, F - C) array instead of (n, C, F - C, 2)
     d2 = np.maximum((a ** 2).sum(-1)[:, :, None] + (b ** 2).sum(-1)[:, None, :] - 2 * a @ b.transpose(0, 2, 1), 0)
     return np.sqrt(d2.min(2)).mean(1) + np.sqrt(d2.min(1)).mean(1)
@@ -224,7 +228,7 @@ def chamfer(xy: np.ndarray, context: int) -> np.ndarray:
 
 def path_stats(poses: np.ndarray) -> dict:
     """Distance covered (cells) and the fraction of forward frames on which the agent actually moved."""
-    step = np.abs(np.diff(poses[:, 1:3], axis=0)).sum(1)
+    step = np.abs(np.diff(poses[:, [1, 3]], axis=0)).sum(1)
     fwd = poses[1:, 0] == FORWARD
     return dict(distance=float(step.sum()), forward=float(np.mean(poses[:, 0] == FORWARD)),
                 moved=float((step[fwd] > 0).mean()) if fwd.any() else 1.0)
@@ -240,7 +244,7 @@ def _lut(size: int) -> np.ndarray:
     pattern = np.stack([i // 2 % 2, j // 2 % 2, (i // 2 + j // 2) % 2, ~mortar, (i + j) // 2 % 2, (i // 4 + j // 4) % 2,
                         (i % 7 == 0) | (j % 7 == 0), (i % 4 < 2) & (j % 4 < 2)]).astype(np.float32)
     tex = PALETTE[1:9, None, None].astype(np.float32) * (0.8 + 0.4 * pattern)[..., None]
-    tex = np.stack([tex, 0.75 * tex], 1)            # faces crossed along y are darker: corners read
+    tex = np.stack([tex, 0.75 * tex], 1)            # faces crossed going along x are darker: corners read
     r = np.abs(np.arange(size) + 0.5 - size / 2) / (size / 2)        # 0 at the horizon, 1 at the edge
     sky = np.where((np.arange(size) < size / 2)[:, None], PALETTE[-1], PALETTE[0])
     rows = sky * (0.55 + 0.45 * r)[:, None]         # darker towards the horizon: depth cue
@@ -248,40 +252,41 @@ def _lut(size: int) -> np.ndarray:
 
 
 def render(world: np.ndarray, poses: np.ndarray, size: int, fov: float = 70.0, faces: bool = False):
-    """Frames (n, size, size, 3) uint8 seen from poses (n, >=5) [.., x, y, z, yaw, ..] in `world`; faces=True
-    adds (the memory probe's) the wall face each column shows, (n, size) int64 ids 4·(row·width + column) +
-    side (0/1: entered across x going +/-, 2/3: across y), and the wall's pixels (n, size, size) bool."""
+    """Frames (n, size, size, 3) uint8 seen from poses (n, 6) (x, z, yaw as in the module docstring) in `world`;
+    faces=True adds (the memory probe's) the wall face each column shows, (n, size) int64 ids 4·(row·width + column)
+    + side (0/1: entered going +/- z, 2/3: going +/- x), and the wall's pixels (n, size, size) bool."""
     n, f = len(poses), math.tan(math.radians(fov) / 2)
-    th = np.radians(poses[:, 4].astype(np.float64))
+    # the heading (-sin yaw, cos yaw) in (x, z) is (cos th, sin th) in (z, x), th = -yaw
+    th = np.radians(-poses[:, 4].astype(np.float64) % 360)          # mod 360: one float angle per view
     cam = (2 * (np.arange(size) + 0.5) / size - 1) * f               # screen x, left to right
-    # ray = heading + cam · right, right = heading turned -90°; |heading·ray| = 1, so the ray parameter
-    # at a wall is the perpendicular (fish-eye free) distance.
-    rdx = (np.cos(th)[:, None] + cam * np.sin(th)[:, None]).ravel()  # (n·size,)
-    rdy = (np.sin(th)[:, None] - cam * np.cos(th)[:, None]).ravel()
-    px, py = np.repeat(poses[:, 1].astype(np.float64), size), np.repeat(poses[:, 2].astype(np.float64), size)
-    mx, my = np.floor(px).astype(np.int64), np.floor(py).astype(np.int64)
+    # ray = heading + cam · right, right = the heading at yaw + 90° (a right turn): (sin th, -cos th) in (z, x);
+    # |heading·ray| = 1, so the ray parameter at a wall is the perpendicular (fish-eye free) distance.
+    rdz = (np.cos(th)[:, None] + cam * np.sin(th)[:, None]).ravel()  # (n·size,)
+    rdx = (np.sin(th)[:, None] - cam * np.cos(th)[:, None]).ravel()
+    pz, px = np.repeat(poses[:, 3].astype(np.float64), size), np.repeat(poses[:, 1].astype(np.float64), size)
+    mz, mx = np.floor(pz).astype(np.int64), np.floor(px).astype(np.int64)
     with np.errstate(divide="ignore"):
-        ddx, ddy = np.abs(1 / rdx), np.abs(1 / rdy)                  # ray length per cell crossed
-    sx, sy = np.where(rdx < 0, -1, 1), np.where(rdy < 0, -1, 1)
-    tx = np.where(rdx < 0, px - mx, mx + 1 - px) * ddx               # ray length to the next x line
-    ty = np.where(rdy < 0, py - my, my + 1 - py) * ddy
+        ddz, ddx = np.abs(1 / rdz), np.abs(1 / rdx)                  # ray length per cell crossed
+    sz, sx = np.where(rdz < 0, -1, 1), np.where(rdx < 0, -1, 1)
+    tz = np.where(rdz < 0, pz - mz, mz + 1 - pz) * ddz               # ray length to the next z line
+    tx = np.where(rdx < 0, px - mx, mx + 1 - px) * ddx
     ray = np.arange(n * size)
-    dist, wall, yside, face = (np.empty(n * size, t) for t in (np.float64, np.int64, bool, np.int64))
+    dist, wall, xside, face = (np.empty(n * size, t) for t in (np.float64, np.int64, bool, np.int64))
     while ray.size:                                 # DDA: step to the nearer grid line until a wall
-        across_x = tx < ty
-        t = np.where(across_x, tx, ty)
-        mx, my = mx + np.where(across_x, sx, 0), my + np.where(across_x, 0, sy)
-        tx, ty = tx + np.where(across_x, ddx, 0), ty + np.where(across_x, 0, ddy)
-        cell = world[my, mx]
+        across_z = tz < tx
+        t = np.where(across_z, tz, tx)
+        mz, mx = mz + np.where(across_z, sz, 0), mx + np.where(across_z, 0, sx)
+        tz, tx = tz + np.where(across_z, ddz, 0), tx + np.where(across_z, 0, ddx)
+        cell = world[mx, mz]
         hit = cell > 0
-        dist[ray[hit]], wall[ray[hit]], yside[ray[hit]] = t[hit], cell[hit], ~across_x[hit]
-        face[ray[hit]] = ((my * world.shape[1] + mx) * 4 + np.where(across_x, sx < 0, 2 + (sy < 0)))[hit]
-        ray, mx, my, tx, ty, ddx, ddy, sx, sy = (a[~hit] for a in (ray, mx, my, tx, ty, ddx, ddy, sx, sy))
+        dist[ray[hit]], wall[ray[hit]], xside[ray[hit]] = t[hit], cell[hit], ~across_z[hit]
+        face[ray[hit]] = ((mx * world.shape[1] + mz) * 4 + np.where(across_z, sz < 0, 2 + (sx < 0)))[hit]
+        ray, mz, mx, tz, tx, ddz, ddx, sz, sx = (a[~hit] for a in (ray, mz, mx, tz, tx, ddz, ddx, sz, sx))
     # texture column u: where along the face the ray hit, mirrored so u runs left to right on screen
-    along = np.where(yside, px + dist * rdx, py + dist * rdy)
+    along = np.where(xside, pz + dist * rdz, px + dist * rdx)
     u = along - np.floor(along)
-    u = np.where(np.where(yside, rdy < 0, rdx > 0), 1 - u, u)
-    base = ((wall - 1) * 2 + yside) * TEX * TEX + np.minimum(u * TEX, TEX - 1).astype(np.int64)
+    u = np.where(np.where(xside, rdx < 0, rdz > 0), 1 - u, u)
+    base = ((wall - 1) * 2 + xside) * TEX * TEX + np.minimum(u * TEX, TEX - 1).astype(np.int64)
     # a row at yc pixels below the horizon sees height EYE - yc · dist · 2f / size on the wall plane;
     # v = WALL - that height counts cells down from the wall top, the wall is where 0 <= v < WALL
     yc = (np.arange(size, dtype=np.float32) + 0.5 - size / 2)
@@ -391,7 +396,7 @@ def _plan(cfg: MazeConfig, split: str, i: int):
         turn = [int(rng.integers(LEFT, RIGHT + 1))]
         walks = np.resize(turn if cfg.walk == "spin" else [FORWARD] * HOLD * cfg.leg + turn * 2 * HOLD, (1, cfg.frames))
     poses = simulate(world, walks, start)
-    d = chamfer(poses[..., 1:3], cfg.context)
+    d = chamfer(poses[..., [1, 3]], cfg.context)
     pick = 0 if len(d) == 1 else int(np.argsort(d, kind="stable")[rng.integers(cfg.lowest)])
     return world, poses[pick], float(d[pick])
 
@@ -488,26 +493,25 @@ def prepare(src: str, dst: str, workers: int = 2) -> dict[str, int]:
 # ------------------------------------------------------------------------------------------- maps and `show`
 
 def draw_map(world: np.ndarray | None, poses: np.ndarray, split: int, size: int) -> np.ndarray:
-    """Top-down map (size, size, 3) uint8, north up: world cells in PALETTE colours, the path of the
-    first `split` frames in white, later frames in black, the last pose as a red dot with its heading.
-    For Loopcraft (world None) the plane is Minecraft's x, z (y is up) fitted to the path."""
-    if world is not None:
-        xy, (lo, hi) = poses[:, 1:3].astype(np.float64), (np.zeros(2), np.array(world.shape[::-1], float))
-        img = Image.fromarray(PALETTE[world[::-1]]).resize((size, size), Image.NEAREST)
+    """Top-down map (size, size, 3) uint8 of the ground (x, z) as Minecraft's map shows it, x (east) right, z
+    (south) down: the maze's world cells in PALETTE colours (Loopcraft, world None: grey, fitted to the path), the
+    path of the first `split` frames in white, later frames in black, the last pose as a red dot with its heading."""
+    xz = poses[:, [1, 3]].astype(np.float64)
+    if world is not None:                           # cell (row, column) spans x in [row, row + 1), z likewise
+        lo, hi = np.zeros(2), np.array(world.shape, float)
+        img = Image.fromarray(PALETTE[world.T]).resize((size, size), Image.NEAREST)      # image (z, x)
     else:
-        xy = poses[:, [1, 3]].astype(np.float64)
-        mid, half = (xy.min(0) + xy.max(0)) / 2, (xy.max(0) - xy.min(0)).max() / 2 + 2
+        mid, half = (xz.min(0) + xz.max(0)) / 2, (xz.max(0) - xz.min(0)).max() / 2 + 2
         lo, hi = mid - half, mid + half
         img = Image.new("RGB", (size, size), (40, 40, 40))
-    pix = (xy - lo) / (hi - lo) * size
-    pix[:, 1] = size - pix[:, 1]                    # map y up -> image rows down
+    pix = (xz - lo) / (hi - lo) * size              # (image column, image row)
     draw, pts = ImageDraw.Draw(img), [tuple(p) for p in pix]
     for part, colour in ((pts[:split], "white"), (pts[max(split - 1, 0):], "black")):
         if len(part) > 1:
             draw.line(part, fill=colour, width=max(1, size // 128))
-    (x, y), th, r = pix[-1], math.radians(float(poses[-1, 4])), max(2, size // 64)
-    draw.line([(x, y), (x + 3 * r * math.cos(th), y - 3 * r * math.sin(th))], fill="red", width=max(1, r // 2))
-    draw.ellipse([x - r, y - r, x + r, y + r], fill="red")
+    (x, z), yaw, r = pix[-1], math.radians(float(poses[-1, 4])), max(2, size // 64)
+    draw.line([(x, z), (x - 3 * r * math.sin(yaw), z + 3 * r * math.cos(yaw))], fill="red", width=max(1, r // 2))
+    draw.ellipse([x - r, z - r, x + r, z + r], fill="red")
     return np.asarray(img)
 
 

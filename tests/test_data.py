@@ -20,36 +20,57 @@ def open_world(n=6):
     return w
 
 
-def centre(cx, cy, yaw):
-    return (cx * data.UNIT + data.UNIT // 2, cy * data.UNIT + data.UNIT // 2, yaw)
+def centre(x, z, yaw):
+    """A start in the middle of cell (x, z) = (row, column) of the world, in 1/UNIT cells."""
+    return (x * data.UNIT + data.UNIT // 2, z * data.UNIT + data.UNIT // 2, yaw)
 
 
-# --- action semantics, hand-computed ----------------------------------------------------------------
+# --- action semantics, hand-computed: poses are MineRL's [action, x, y, z, yaw, pitch], y up -----------
 
 def test_held_turn_is_exactly_90_degrees_and_frame_t_follows_action_t():
-    poses = data.simulate(open_world(), np.array([[LEFT] * 9 + [RIGHT] * 18]), centre(2, 2, 0))[0]
+    poses = data.simulate(open_world(), np.array([[RIGHT] * 9 + [LEFT] * 18]), centre(2, 2, 0))[0]
     assert poses.dtype == np.float32 and poses.shape == (27, 6)
-    np.testing.assert_array_equal(poses[:9, 4], np.arange(10, 91, 10))      # frame 0 already turned 10°
-    assert poses[17, 4] == 0 and poses[26, 4] == 270                        # right turns wrap to 270
-    np.testing.assert_array_equal(poses[:, 1:3], 2.5)                       # turning never moves
-    np.testing.assert_array_equal(poses[:, 0], [LEFT] * 9 + [RIGHT] * 18)
-    assert np.all(poses[:, 3] == data.EYE) and np.all(poses[:, 5] == 0)
+    np.testing.assert_array_equal(poses[:9, 4], np.arange(10, 91, 10))      # right adds; frame 0 already turned 10°
+    assert poses[17, 4] == 0 and poses[26, 4] == 270                        # left turns subtract, wrapping to 270
+    np.testing.assert_array_equal(poses[:, [1, 3]], 2.5)                    # turning never moves
+    np.testing.assert_array_equal(poses[:, 0], [RIGHT] * 9 + [LEFT] * 18)
+    assert np.all(poses[:, 2] == data.EYE) and np.all(poses[:, 5] == 0)     # y: the eye height; pitch 0
 
 
-@pytest.mark.parametrize("yaw,dx,dy", [(0, 1, 0), (90, 0, 1), (180, -1, 0), (270, 0, -1)])
-def test_held_forward_in_free_space_moves_exactly_one_cell(yaw, dx, dy):
+# facing (-sin yaw, cos yaw) in (x, z): yaw 0 faces +z, 90 (a right turn from 0) -x, 180 -z, 270 +x
+@pytest.mark.parametrize("yaw,dx,dz", [(0, 0, 1), (90, -1, 0), (180, 0, -1), (270, 1, 0)])
+def test_held_forward_in_free_space_moves_exactly_one_cell(yaw, dx, dz):
+    assert (dx, dz) == (round(-math.sin(math.radians(yaw))), round(math.cos(math.radians(yaw))))
     poses = data.simulate(open_world(), np.zeros((1, 9), np.int64), centre(2, 2, yaw))[0]
     steps = np.arange(1, 10) / 9
     np.testing.assert_allclose(poses[:, 1], 2.5 + dx * steps, atol=1e-6)
-    assert poses[-1, 1] == 2.5 + dx and poses[-1, 2] == 2.5 + dy             # exactly, not approximately
+    np.testing.assert_allclose(poses[:, 3], 2.5 + dz * steps, atol=1e-6)
+    assert poses[-1, 1] == 2.5 + dx and poses[-1, 3] == 2.5 + dz             # exactly, not approximately
+    assert np.all(poses[:, 2] == data.EYE) and np.all(poses[:, 4] == yaw)
+
+
+def test_poses_of_a_short_walk_by_hand():
+    # from the middle of cell (x=2, z=3) facing +z: a held right turn, 2 forwards, a held left turn, 1 forward
+    actions = [RIGHT] * 9 + [FORWARD] * 2 + [LEFT] * 9 + [FORWARD]
+    poses = data.simulate(open_world(), np.array([actions]), centre(2, 3, 0))[0]
+    E, s = data.EYE, 1 / 9                               # one forward frame: 1/9 cell
+    want = {0: [RIGHT, 2.5, E, 3.5, 10, 0],              # a right turn adds 10°
+            8: [RIGHT, 2.5, E, 3.5, 90, 0],              # facing (-sin 90°, cos 90°) = -x
+            9: [FORWARD, 2.5 - s, E, 3.5, 90, 0],        # so forward lowers x
+            10: [FORWARD, 2.5 - 2 * s, E, 3.5, 90, 0],
+            11: [LEFT, 2.5 - 2 * s, E, 3.5, 80, 0],      # a left turn subtracts 10°
+            19: [LEFT, 2.5 - 2 * s, E, 3.5, 0, 0],       # facing +z again
+            20: [FORWARD, 2.5 - 2 * s, E, 3.5 + s, 0, 0]}
+    for t, pose in want.items():
+        np.testing.assert_allclose(poses[t], pose, atol=1e-6, err_msg=f"frame {t}")
 
 
 def test_wall_stops_motion():
     w = open_world()
-    w[2, 3] = 5                                        # a wall right in front of cell (x=2, y=2) facing +x
+    w[2, 3] = 5                                        # a wall right in front of cell (x=2, z=2) facing +z
     poses = data.simulate(w, np.zeros((1, 18), np.int64), centre(2, 2, 0))[0]
     # eye at 9/18 of the cell, body reaches 4/18 ahead: 11 and 13 fit (13 + 4 < 18), 15 would not
-    np.testing.assert_array_equal(poses[:, 1] * 18, [2 * 18 + 11] + [2 * 18 + 13] * 17)
+    np.testing.assert_array_equal(poses[:, 3] * 18, [2 * 18 + 11] + [2 * 18 + 13] * 17)
     assert data.path_stats(poses)["moved"] == pytest.approx(1 / 17)
 
 
@@ -97,8 +118,8 @@ def test_agent_moves_on_most_forward_frames_and_test_split_revisits_context():
     assert moved >= 0.85
     test = [data._plan(cfg, "test", i) for i in range(12)]
     # Chamfer of the real path, recomputed from the poses the plan returns
-    ch_train = np.mean([data.chamfer(p[None, :, 1:3], cfg.context)[0] for _, p, _ in train])
-    ch_test = np.mean([data.chamfer(p[None, :, 1:3], cfg.context)[0] for _, p, _ in test])
+    ch_train = np.mean([data.chamfer(p[None, :, [1, 3]], cfg.context)[0] for _, p, _ in train])
+    ch_test = np.mean([data.chamfer(p[None, :, [1, 3]], cfg.context)[0] for _, p, _ in test])
     assert ch_test < 0.5 * ch_train
     assert np.isclose(ch_test, np.mean([c for _, _, c in test]))
 
@@ -111,8 +132,8 @@ def test_chamfer_hand_computed():
 
 def test_render_wall_height_and_colour_identity():
     w = open_world(12)
-    w[3, 9] = 4                                        # wall face 5.5 cells ahead of (x=3.5, y=3.5) facing +x
-    frame = data.render(w, np.array([[FORWARD, 3.5, 3.5, data.EYE, 0, 0]]), 64, fov=70)[0]
+    w[3, 9] = 4                                        # wall face 5.5 cells ahead of (x=3.5, z=3.5) facing +z
+    frame = data.render(w, np.array([[FORWARD, 3.5, data.EYE, 3.5, 0, 0]]), 64, fov=70)[0]
     col = frame[:, 32].astype(int)
     wall = np.any(col != data._lut(64)[-64:], 1)       # rows of the centre column that are not floor/sky
     # pinhole: a point h cells above the eye at distance d is h · (size/2) / (d · tan(fov/2)) rows up
@@ -125,6 +146,23 @@ def test_render_wall_height_and_colour_identity():
     nearest = np.argmin(np.abs(chroma(texels)[:, :, None] - chroma(data.PALETTE[1:9].astype(float))).sum(-1), -1)
     assert np.all(nearest == np.arange(8)[:, None])
     assert np.argmin(np.abs(chroma(col[33].astype(float)) - chroma(data.PALETTE[1:9].astype(float))).sum(-1)) == 3
+
+
+def test_render_looks_along_the_yaw_and_a_right_turn_looks_right():
+    # the middle of a 5x5 room; a face id is 4·(row·5 + column) + side, and (row, column) = (x, z)
+    yaws = [0, 90, 180, 270, 45]
+    poses = np.array([[FORWARD, 2.5, data.EYE, 2.5, yaw, 0] for yaw in yaws], np.float32)
+    _, face, _ = data.render(open_world(5), poses, 32, faces=True)
+    cell = np.stack([face // 4 // 5, face // 4 % 5], -1).tolist()    # (5 yaws, 32 columns): (x, z) of the wall
+    # the centre of the view is the wall 2 cells along (-sin yaw, cos yaw): +z, -x, -z, +x, entered going that way
+    for i, want in enumerate([[2, 4], [0, 2], [2, 0], [4, 2]]):
+        assert cell[i][15] == cell[i][16] == want
+    assert (face[:4, 15] % 4).tolist() == [0, 3, 1, 2]                # sides: +z 0, -z 1, +x 2, -x 3
+    # yaw 45 faces between +z and -x: the left edge (yaw ~11°) sees the +z wall, the right edge (yaw ~79°, what a
+    # right turn brings into view) the -x wall
+    assert cell[4][0] == [2, 4] and cell[4][31] == [0, 2]
+    # facing +z (yaw 0), +x is on the left: Minecraft's south-facing view, east to the left
+    assert cell[0][0] == [3, 4] and cell[0][31] == [1, 4]
 
 
 # --- generation, determinism, frame store -----------------------------------------------------------
@@ -170,14 +208,18 @@ def test_write_frames_count_mismatch_leaves_nothing(tmp_path):
 
 def test_draw_map_colours_context_later_and_current(tmp_path):
     w = open_world(8)
+    # 3 cells along +z, a left turn to yaw 270 (facing +x), 2 cells along +x: the walk ends at (x, z) = (4.5, 5.5)
     poses = data.simulate(w, np.array([[FORWARD] * 27 + [LEFT] * 9 + [FORWARD] * 18]), centre(2, 2, 0))[0]
-    img = data.draw_map(w, poses, 27, 128)
-    assert img.shape == (128, 128, 3) and img.dtype == np.uint8
-    colours = {tuple(c) for c in img.reshape(-1, 3)}
-    assert {(255, 255, 255), (0, 0, 0), (255, 0, 0)} <= colours
-    r, c = np.argwhere(np.all(img == (255, 0, 0), -1)).mean(0)   # red dot at (5.5, 4.5), north up
-    assert abs(c - 5.5 * 16) < 4 and abs(r - (128 - 4.5 * 16)) < 6
-    assert data.draw_map(None, poses[:, [0, 1, 3, 2, 4, 5]], 27, 64).shape == (64, 64, 3)
+    assert poses[-1, [1, 3, 4]].tolist() == [4.5, 5.5, 270]
+    # the maze map (16 pixels a cell) and a Loopcraft map of the same poses (no world: the plane fitted to the
+    # path, x in [0, 7], z in [0.5, 7.5], 64/7 pixels a cell) read them alike: x right, z down as on Minecraft's map
+    for world, size, (x, z) in ((w, 128, (4.5 * 16, 5.5 * 16)), (None, 64, (4.5 / 7 * 64, 5 / 7 * 64))):
+        img = data.draw_map(world, poses, 27, size)
+        assert img.shape == (size, size, 3) and img.dtype == np.uint8
+        assert {(255, 255, 255), (0, 0, 0), (255, 0, 0)} <= {tuple(c) for c in img.reshape(-1, 3)}
+        red = np.argwhere(np.all(img == (255, 0, 0), -1))             # (image row, image column) of the dot
+        (r, c), right = red.mean(0), red[:, 1].max() - x             # ... and its heading, +x: to the right
+        assert abs(r - z) < 1.5 and x - 1 < c < x + 2 and right > 4, (world is None, r, c, right)
 
 
 # --- Loopcraft prepare --------------------------------------------------------------------------------

@@ -150,7 +150,7 @@ def test_maze_metric_on_rendered_maze_frames():
     through every texture and shade, and darkening a frame (distance shading) changes no class."""
     import data
     poses = np.zeros((8, 6), np.float32)
-    poses[:, 1:3], poses[:, 4] = 3.3, np.arange(8) * 45.0  # x, y in the room; yaw all round
+    poses[:, [1, 3]], poses[:, 4] = 3.3, np.arange(8) * 45.0  # x, z in the room; yaw all round
     for w in range(1, 9):
         world = np.full((7, 7), w, np.int64)
         world[1:-1, 1:-1] = 0

@@ -9,24 +9,25 @@ import rollout
 
 
 def room():
-    """A 5x5 world: walls all around, each border cell its own type; the eye at the centre of cell (2, 2)."""
+    """A 5x5 world: walls all around, one type per side; the eye at the centre of cell (x, z) = (row, column) (2, 2)."""
     w = np.zeros((5, 5), np.uint8)
     w[0, :], w[-1, :], w[:, 0], w[:, -1] = 1, 2, 3, 4
     return w
 
 
-def poses(yaws, x=2.5, y=2.5):
-    return np.array([[0, x, y, data.EYE, yaw, 0] for yaw in yaws], np.float32)
+def poses(yaws, x=2.5, z=2.5):
+    """MineRL poses [action, x, y, z, yaw, pitch] (data.py's docstring): y the eye height."""
+    return np.array([[0, x, data.EYE, z, yaw, 0] for yaw in yaws], np.float32)
 
 
 def test_faces_in_a_known_room():
-    # facing +x the centre column hits cell (row 2, column 4) entered across x going +: side 0;
-    # facing +y (yaw 90) it hits (4, 2) across y going +: side 2; facing -x (2, 0), side 1; -y (0, 2), side 3
-    frames, face, wall = data.render(room(), poses([0, 90, 180, 270]), 32, faces=True)
+    # facing (-sin yaw, cos yaw): yaw 0 faces +z, the centre column hits cell (row 2, column 4) going +z: side 0;
+    # yaw 270 faces +x: (4, 2) going +x, side 2; yaw 180 faces -z: (2, 0), side 1; yaw 90 faces -x: (0, 2), side 3
+    frames, face, wall = data.render(room(), poses([0, 270, 180, 90]), 32, faces=True)
     centre = face[:, 15]
     assert centre.tolist() == [(2 * 5 + 4) * 4 + 0, (4 * 5 + 2) * 4 + 2, (2 * 5 + 0) * 4 + 1, (0 * 5 + 2) * 4 + 3]
-    assert np.array_equal(frames, data.render(room(), poses([0, 90, 180, 270]), 32))  # the same pixels
-    # the wall's pixels, by hand: facing +x the wall is 1.5 cells away; row r sees the wall plane at
+    assert np.array_equal(frames, data.render(room(), poses([0, 270, 180, 90]), 32))  # the same pixels
+    # the wall's pixels, by hand: facing +z the wall is 1.5 cells away; row r sees the wall plane at
     # v = (WALL - EYE) + (r + 0.5 - 16) * 1.5 * 2 tan(35°) / 32 cells below its top, a wall where 0 <= v < 2.5:
     # rows 0..23 (v from -0.05 ... no: v(0) = 2 - 15.5 * 0.0656 = 0.98 >= 0), floor from row 24
     assert wall[0, :, 15].tolist() == [r <= 23 for r in range(32)]
@@ -40,7 +41,7 @@ def test_spin_comes_back_every_36_frames():
     # one turn direction held: 10° a frame, so frame t + 36 shows exactly what frame t showed
     cfg = data.maze_config("tiny", walk="spin")
     world, p, _ = data._plan(cfg, "test", 0)
-    assert np.allclose(p[:, 1:3], p[0, 1:3]) and len(np.unique(np.diff(p[:, 4]) % 360)) == 1
+    assert np.allclose(p[:, [1, 3]], p[0, [1, 3]]) and len(np.unique(np.diff(p[:, 4]) % 360)) == 1
     _, face, _ = data.render(world, p, cfg.size, cfg.fov, faces=True)
     assert np.array_equal(face[:-36], face[36:])
     # a face that leaves the view (70° wide) comes back after 36 - 7 .. 36 frames: last seen that long ago
@@ -54,9 +55,9 @@ def test_revisit_walk_goes_out_and_back():
     cfg = data.maze_config("toy", walk="revisit", leg=8, density=0.0)  # no obstacles: the legs are exact
     _, p, _ = data._plan(cfg, "test", 0)
     period = 2 * (9 * 8 + 18)
-    assert np.allclose(p[period:2 * period, 1:3], p[:period, 1:3], atol=1e-5)
+    assert np.allclose(p[period:2 * period, [1, 3]], p[:period, [1, 3]], atol=1e-5)
     # frame 0 is seen after the first forward: 71 more of 1/9 cell each take the walk 8 cells out
-    assert np.abs(p[9 * 8 - 1, 1:3] - p[0, 1:3]).sum() == pytest.approx(71 / 9, abs=1e-4)
+    assert np.abs(p[9 * 8 - 1, [1, 3]] - p[0, [1, 3]]).sum() == pytest.approx(71 / 9, abs=1e-4)
 
 
 def test_reach_matches_the_step_enumeration():
