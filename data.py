@@ -421,9 +421,9 @@ def _map(fn, jobs: list[tuple], workers: int, what: str = "") -> list:
 
 def make_maze(out: str, cfg: MazeConfig, split: str = "train") -> dict:
     """Write a maze frame store to `out`, resumably: meta.json (the settings) first, each video unless a rerun
-    finds its files complete, index.json last; a store begun with other settings is rebuilt, saying so.
-    Train: cfg.videos walks. Test: of cfg.pool · cfg.test_videos loop-biased candidates, the
-    cfg.test_videos that covered the most distance (drops stuck agents, App. A.1)."""
+    finds its files complete, index.json last; a store begun with other settings, or before the poses followed
+    MineRL's convention, is rebuilt, saying so. Train: cfg.videos walks. Test: of cfg.pool · cfg.test_videos
+    loop-biased candidates, the cfg.test_videos that covered the most distance (drops stuck agents, App. A.1)."""
     if split not in ("train", "test") or not 0 < cfg.context < cfg.frames:
         raise ValueError(f"split {split!r}, context {cfg.context}: expected 'train' or 'test', 0 < context < frames")
     Path(out, "index.json").unlink(missing_ok=True)    # rewriting a store: unmark it first
@@ -435,9 +435,9 @@ def make_maze(out: str, cfg: MazeConfig, split: str = "train") -> dict:
         plans = [plans[i] for i in sorted(far)]
     keys = [f"{i // 1000:03d}/{i % 1000:03d}" for i in range(n)]    # Loopcraft's key of video i
     stats = {s: float(np.mean([path_stats(p)[s] for _, p, _ in plans])) for s in ("forward", "moved")}
-    meta = json.loads(json.dumps(dict(source="maze", size=cfg.size, fps=20, split=split, context=cfg.context,
-                                      config={k: v for k, v in asdict(cfg).items() if k != "workers"},  # not workers:
-                                      chamfer=float(np.mean([c for _, _, c in plans])), **stats)))  # same bytes
+    config, chamfer = {k: v for k, v in asdict(cfg).items() if k != "workers"}, np.mean([c for _, _, c in plans])
+    meta = json.loads(json.dumps(dict(source="maze", poses="minerl", size=cfg.size, fps=20, split=split,
+                                      context=cfg.context, config=config, chamfer=float(chamfer), **stats)))
     if Path(out, "meta.json").exists() and json.loads(Path(out, "meta.json").read_text()) != meta:
         print(f"{out}: begun with other settings; rebuilding it from scratch")
         shutil.rmtree(out)

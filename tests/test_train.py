@@ -40,8 +40,8 @@ def test_overrides_are_typed_and_strict():
     with pytest.raises(ValueError, match="unknown preset"):
         data.make_config(Cfg, {"p": {}}, "q", {})
     assert data.make_config(Cfg, {"p": {"steps": 3}}, "p", {"lr": 1}).lr == 1  # an int passes for a float
-    with pytest.raises(SystemExit, match="error: DiTConfig.width = 50"):  # a config's own check, no traceback
-        train.build("tiny", {"width": "50"}, {diffusion.DiTConfig: diffusion.dit_config})
+    with pytest.raises(SystemExit, match="error: DiTConfig.width = 49"):  # a config's own check, no traceback
+        train.build("tiny", {"width": "49"}, {diffusion.DiTConfig: diffusion.dit_config})
 
 
 def test_parse_command_forms():
@@ -259,7 +259,7 @@ def test_every_setting_of_every_stage_is_checked_before_any_work(tmp_path, capsy
                        (["--ae.steps=0"], r"error in --ae.\*: AEConfig.steps = 0: expected >= 1"),
                        (["--video.lr=nan"], r"error in --video.\*: DiTConfig.lr = nan"),
                        (["--eval.sampling_steps=0"], "error in --eval.*: EvalConfig: expected"),
-                       (["--video.heads=5"], "DiTConfig.width = 48: expected divisible by 6 .* and by heads=5")):
+                       (["--video.heads=5"], "DiTConfig.width = 48: expected >= 12 .* and divisible by heads=5")):
         with pytest.raises(SystemExit, match=flag):
             train.main(["--stage", "all", "--preset", "tiny", f"--root={root}", *argv])
         assert not os.path.exists(root), argv  # refused before any work: not even a folder
