@@ -122,8 +122,8 @@ def to_float(frames, device=None, dtype=torch.float32):
     return (x.to(dtype) / 255 if x.dtype == torch.uint8 else x.to(dtype)).permute(0, 3, 1, 2)  # (N, 3, H, W)
 
 
-def _pair(x, y, device=None, dtype=torch.float32):
-    x, y = to_float(x, device, dtype), to_float(y, device, dtype)
+def _pair(x, y, convert, *args):  # generated frames and ground truth, converted alike; their shapes must agree
+    x, y = convert(x, *args), convert(y, *args)
     if x.shape != y.shape:
         raise ValueError(f"generated frames {tuple(x.shape)} and ground truth {tuple(y.shape)} differ in shape")
     return x, y
@@ -131,7 +131,7 @@ def _pair(x, y, device=None, dtype=torch.float32):
 
 def psnr(x, y, device=None):
     """Per-frame PSNR in dB on [0, 1] pixels -> np.float64 (N,); identical frames give PSNR_CAP."""
-    x, y = _pair(x, y, device, torch.float64)
+    x, y = _pair(x, y, to_float, device, torch.float64)
     mse = (x - y).square().flatten(1).mean(1)
     # PSNR = 10 log10(MAX² / MSE) with MAX = 1; flooring MSE at 10^(-cap/10) caps it at 100 dB
     return (10 * torch.log10(1 / mse.clamp_min(10 ** (-PSNR_CAP / 10)))).cpu().numpy()
@@ -141,7 +141,7 @@ def ssim(x, y, device=None, size=11, sigma=1.5, K1=0.01, K2=0.03):
     """Per-frame SSIM -> np.float64 (N,): SSIM map per channel over 'valid' window positions (as in
     Wang et al.'s reference code: no padding), averaged over positions and then over R, G, B.
     Float64: in float32, E[x²] − μ² leaves ~1e-7 of noise, which C2 = 9e-4 turns into ~1e-4 of SSIM."""
-    x, y = _pair(x, y, device, torch.float64)
+    x, y = _pair(x, y, to_float, device, torch.float64)
     if min(x.shape[-2:]) < size:
         raise ValueError(f"ssim: frames of {tuple(x.shape[-2:])} are smaller than the {size}-pixel window")
     i = torch.arange(size, dtype=torch.float64, device=x.device) - (size - 1) / 2
@@ -161,7 +161,7 @@ def ssim(x, y, device=None, size=11, sigma=1.5, K1=0.01, K2=0.03):
 @torch.no_grad()
 def lpips_distance(net, x, y, device=None):
     """Per-frame LPIPS with a given lpips.LPIPS network -> np.float64 (N,); 0 for identical frames."""
-    x, y = _pair(x, y, device)
+    x, y = _pair(x, y, to_float, device)
     return net.to(x.device)(x, y, normalize=True).flatten().double().cpu().numpy()  # normalize: [0,1] -> [-1,1]
 
 
@@ -186,9 +186,7 @@ def palette_classes(frames, palette, device=None):
 
 def palette_agreement(x, y, palette, device=None):
     """Maze metric: per frame, the fraction of pixels whose base-colour class matches -> np.float64 (N,)."""
-    a, b = palette_classes(x, palette, device), palette_classes(y, palette, device)
-    if a.shape != b.shape:
-        raise ValueError(f"generated frames {tuple(a.shape)} and ground truth {tuple(b.shape)} differ in shape")
+    a, b = _pair(x, y, palette_classes, palette, device)
     return (a == b).flatten(1).double().mean(1).cpu().numpy()
 
 
@@ -203,15 +201,12 @@ def frame_metrics(generated, truth, palette=None, lpips_net=None, device=None, c
                                   for i in range(0, len(truth), chunk)]) for name, fn in fns.items()}
 
 
-# ----------------------------------------------------------------------------- horizons and aggregation
-
-PAPER_PROPORTIONS = (1 / 12, 1 / 3, 1)  # Table 1: 64, 256, 768 of 768 generated frames
-
+# ----------------------------------------------------------------------------- horizons, aggregation, references
 
 def horizon_buckets(num_generated, ends=None):
-    """Horizon buckets as 1-based inclusive offset ranges [(first, last), ...]: from explicit `ends`
-    (paper (64, 256, 768)) or, when None or empty, the paper's proportions of `num_generated`, rounded."""
-    ends = [round(p * num_generated) for p in PAPER_PROPORTIONS] if not ends else [int(e) for e in ends]
+    """Horizon buckets as 1-based inclusive offset ranges [(first, last), ...]: from explicit `ends` (paper
+    (64, 256, 768)) or, when None or empty, Table 1's proportions 1/12, 1/3, 1 of `num_generated`, rounded."""
+    ends = [round(p * num_generated) for p in (1 / 12, 1 / 3, 1)] if not ends else [int(e) for e in ends]
     if not ends or ends[0] < 1 or any(b <= a for a, b in zip(ends, ends[1:])) or ends[-1] > num_generated:
         raise ValueError(f"buckets: expected increasing ends in 1..{num_generated} (generated frames), got {ends}")
     return [(first + 1, last) for first, last in zip([0] + ends[:-1], ends)]
@@ -235,8 +230,6 @@ def bucket_spreads(per_frame, buckets):
     v = [nanmean(np.asarray(per_frame, np.float64)[:, a - 1:b], 1) for a, b in buckets]  # (V,) each
     return [float(x.std(ddof=1) / np.sqrt(len(x))) if len(x) > 1 else 0.0 for x in (x[np.isfinite(x)] for x in v)]
 
-
-# ----------------------------------------------------------------------------- reference rows
 
 def derangement(n, seed=0):
     """Deterministic pairing video i -> video perm[i] with perm[i] != i (the random-latents row): a seeded
@@ -298,7 +291,8 @@ def probe_metrics(frames, truth, cat, palette):
         for i, c in enumerate(CATEGORIES):
             where = (cat == i).reshape(len(cat), -1)                                        # (K, H·W)
             out[f"colour_{c}"] = (where * match).sum(1) / where.sum(1)
-            out[f"psnr_{c}"] = -10 * np.log10(np.maximum((where * err).sum(1) / where.sum(1), 10 ** (-PSNR_CAP / 10)))
+            mse = np.maximum((where * err).sum(1) / where.sum(1), 10 ** (-PSNR_CAP / 10))  # capped as in `psnr`
+            out[f"psnr_{c}"] = -10 * np.log10(mse)
     return out
 
 
@@ -308,9 +302,10 @@ def probe_verdict(rows, gate):
     random latents beyond the spread (else a missing memory could be plain incompetence)."""
     models = [m for m in ("millivid", "framepack", "fullres", "framepack_hier", "upscale") if m in rows]
     if models[:1] != ["millivid"] or len(models) < 2 or not np.isfinite(rows["millivid"]["colour_only"][0]):
-        return ("Not measurable: " + ("no generated pixel shows content only MilliVid can see (these test videos do not "
-                "revisit at the lags where only MilliVid looks)." if len(models) > 1 and models[0] == "millivid" else
-                "the probe compares MilliVid with at least one baseline."))
+        return "Not measurable: " + (
+            "no generated pixel shows content only MilliVid can see (these test videos do not revisit at the lags "
+            "where only MilliVid looks)." if len(models) > 1 and models[0] == "millivid" else
+            "the probe compares MilliVid with at least one baseline.")
     (g, g_se), (chance, c_se) = rows["ground-truth latents"]["colour_all"], rows["random latents"]["colour_all"]
     low = [f"{m} {rows[m]['colour_all'][0]:.3f}" for m in models if not rows[m]["colour_all"][0] >= gate * g]
     (m, m_se), swap = rows["millivid"]["colour_only"], rows.get("millivid swap", {}).get("colour_only")
@@ -323,7 +318,8 @@ def probe_verdict(rows, gate):
     if low or g - chance <= g_se + c_se:
         return ("Not measurable at this scale by the gate: on pixels every model can see, " + (
             f"{', '.join(low)} reach(es) less than {gate:g} x the ground-truth latents' {g:.3f}" if low else
-            "the ground-truth latents do not beat random ones beyond the spread") + f". (Measured all the same: {found}.)")
+            "the ground-truth latents do not beat random ones beyond the spread")
+            + f". (Measured all the same: {found}.)")
     return f"{'Confirmed' if len(lead) == len(models) - 1 and drop else 'Not confirmed'} at this scale: {found}."
 
 
@@ -380,16 +376,17 @@ def summarize(results):
                  for r in results.rows for K in [next(iter(r.per_frame.values())).shape[1]]]}
 
 
-def _table(head, rows):  # markdown table lines: a `row` column, then `head`; rows: [(name, [cell, ...])]
-    return ["| row | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"] + [
-        f"| {name} | " + " | ".join(cells) + " |" for name, cells in rows]
-
-
 def results_markdown(summary):
     """results.md. Table 1 layout: one row per model / reference, metric x bucket columns (mean ± standard
     error over videos), then the cost columns. The best model of a column is bold only if its lead over the
     runner-up exceeds their two standard errors together: no bold where the spreads overlap. Then the reading
     against the random-latents reference, the memory probe (where measured), what was not measured."""
+    def table(head, rows):  # markdown lines: a `row` column, then `head`; rows: [(name, [cell, ...])]
+        return ["| row | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"] + [
+            f"| {name} | " + " | ".join(cells) + " |" for name, cells in rows]
+
+    def cell(m, v, se):  # mean ± standard error: PSNR in dB to 2 decimals, the other metrics (fractions) to 3
+        return f"{v:.2f} ± {se:.2f}" if "psnr" in m else f"{v:.3f} ± {se:.3f}"
     buckets, metrics = [f"{a}-{b}" for a, b in summary["buckets"]], summary["metrics"]
     cols = [(m, b) for m in metrics if m not in PROBE for b in buckets]
     models, best, rows = [r for r in summary["rows"] if not r["reference"]], {}, []
@@ -402,7 +399,7 @@ def results_markdown(summary):
         cells = []
         for m, b in cols:
             v, se = r["metrics"].get(m, {}).get(b), r["standard_errors"].get(m, {}).get(b)
-            text = "n/a" if v is None else f"{v:.2f} ± {se:.2f}" if m == "psnr" else f"{v:.3f} ± {se:.3f}"
+            text = "n/a" if v is None else cell(m, v, se)
             cells.append(f"**{text}**" if not r["reference"] and v is not None and v == best.get((m, b)) else text)
         cells += ["—" if r[k] is None else f"{r[k]:.3g}" if k == "wall_s_per_video" else str(r[k])
                   for k in ("rollout_steps", "network_evals", "wall_s_per_video", "trained")]
@@ -420,18 +417,16 @@ def results_markdown(summary):
             f"{summary['rows'][0]['videos'] if summary['rows'] else 0} test videos, context {summary['context']} "
             "frames; each metric is averaged over videos per generated-frame offset, then over the offsets of "
             f"each bucket. PSNR of identical frames is capped at {PSNR_CAP:g} dB.", ""]
-    text += _table(head + ["rollout steps", "network evals", "wall s/video", "trained"], rows) + [
+    text += table(head + ["rollout steps", "network evals", "wall s/video", "trained"], rows) + [
         "", f"Reading: at the longest horizon ({last}) against the random-latents reference (real frames, no "
         f"consistency), {verdict if ref else 'no reference row'}. Bold: a lead beyond both standard errors.", ""]
     if any(probe.values()):  # the memory probe over all generated frames: mean ± standard error over videos
-        d = {m: 2 if "psnr" in m else 3 for m in PROBE}  # decimals: PSNR in dB, the others fractions
         text += ["## Memory probe", "", "Each generated wall pixel is scored by what the compared strategies can know "
                  "of its wall face from the ground-truth context (rollout.knowledge). Colour: agreement of base-colour "
                  "classes (chance ≈ 1/8). The *swap* rows: per video, the context frames that show no face of a *seen "
                  "by all* pixel come from another video; *MilliVid only* counts only content that this swap takes "
-                 "away.", ""] + _table([PROBE[m][0] for m in PROBE], [(r["name"], [
-                     f"{r['probe'][m][0]:.{d[m]}f} ± {r['probe'][m][1]:.{d[m]}f}" if np.isfinite(r["probe"][m][0])
-                     else "— (no pixel)" for m in PROBE])
+                 "away.", ""] + table([PROBE[m][0] for m in PROBE], [(r["name"], [
+                     cell(m, *r["probe"][m]) if np.isfinite(r["probe"][m][0]) else "— (no pixel)" for m in PROBE])
                      for r in summary["rows"]]) + ["", probe_verdict(probe, summary["config"].get("gate", 0.75)), ""]
     text += ["## Not measured", ""] + (
         [f"- {why}" for why in summary["unavailable"].values()] or ["- (everything was measured)"])
@@ -441,28 +436,11 @@ def results_markdown(summary):
     return "\n".join(text)
 
 
-def write_per_frame_csv(path, results):
-    """per_frame.csv: one line per (row, video, generated offset), with the video frame index."""
-    metrics = [m for m in METRICS if any(m in r.per_frame for r in results.rows)]
-
-    def write(tmp):
-        with open(tmp, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["model", "video", "offset", "frame"] + metrics)
-            for r in results.rows:
-                K = next(iter(r.per_frame.values())).shape[1] if r.per_frame else 0
-                w.writerows([r.name, key, k + 1, results.context + k]
-                            + [f"{r.per_frame[m][v, k]:.6g}" if m in r.per_frame else "" for m in metrics]
-                            for v, key in enumerate(r.keys) for k in range(K))
-    data.atomic_write(path, write)
-
-
-def plot_curves(path, results):
+def plot_curves(path, results, metrics):
     """Each consistency metric against generated-frame offset, one line per row (paper Fig. 4 / Fig. 8)."""
     import matplotlib
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
-    metrics = [m for m in METRICS if any(m in r.per_frame for r in results.rows)]
     cols = min(4, len(metrics))  # the memory probe's metrics, one per category, wrap onto more rows
     rows = -(-len(metrics) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.6 * rows), squeeze=False)
@@ -487,40 +465,39 @@ def plot_curves(path, results):
 BAR = 14  # pixels of caption above each video tile
 
 
-def _tile(img, size, label, dim):
-    """A video tile: `img` resized (nearest) to size (w, h), half as bright in the context, captioned."""
+def tiled_frames(videos, context, caption, square=None, display=128):
+    """Yield the frames of a video of tiles side by side: videos [(name, np.uint8 (F, H', W', 3))], each resized to
+    the first's size scaled to about `display` rows, half as bright in the context, under its caption(i, name, t);
+    then the map: square(t), or one image for every frame."""
     from PIL import Image, ImageDraw
-    im = Image.fromarray(np.asarray(img) // 2 if dim else np.asarray(img)).resize(size, Image.NEAREST)
-    canvas = Image.new("RGB", (size[0], size[1] + BAR))
-    canvas.paste(im, (0, BAR))
-    ImageDraw.Draw(canvas).text((3, 1), label, fill=(255, 255, 255))
-    return np.asarray(canvas)
 
-
-def _display_size(frame, display):  # integer nearest-neighbour upscaling keeps pixels honest
-    return tuple(n * max(1, math.ceil(display / frame.shape[0])) for n in frame.shape[1::-1])  # (w, h)
+    def tile(img, size, label, dim):
+        im = Image.fromarray(np.asarray(img) // 2 if dim else np.asarray(img)).resize(size, Image.NEAREST)
+        canvas = Image.new("RGB", (size[0], size[1] + BAR))
+        canvas.paste(im, (0, BAR))
+        ImageDraw.Draw(canvas).text((3, 1), label, fill=(255, 255, 255))
+        return np.asarray(canvas)
+    num_frames, H, W = videos[0][1].shape[:3]
+    s = max(1, math.ceil(display / H))  # an integer nearest-neighbour upscaling keeps pixels honest
+    for t in range(num_frames):
+        tiles = [tile(v[t], (W * s, H * s), caption(i, name, t), t < context) for i, (name, v) in enumerate(videos)]
+        if square is not None:
+            tiles.append(tile(square(t) if callable(square) else square, (H * s, H * s), "map", False))
+        yield np.concatenate(tiles, axis=1)
 
 
 def side_by_side_frames(sample, context, display=128):
     """Yield the frames of a comparison video: ground truth | each model | the top-down map (Fig. 3)."""
-    truth = sample.frames["ground truth"]
-    size = _display_size(truth[0], display)
-    for t in range(len(truth)):
-        when = "context" if t < context else f"+{t - context + 1}"
-        tiles = [_tile(v[t], size, f"{name}  {t} {when}" if i == 0 else name, t < context)
-                 for i, (name, v) in enumerate(sample.frames.items())]
-        if sample.map is not None:
-            tiles.append(_tile(sample.map(t) if callable(sample.map) else sample.map, (size[1],) * 2, "map", False))
-        yield np.concatenate(tiles, axis=1)
+    when = lambda t: "context" if t < context else f"+{t - context + 1}"  # noqa: E731
+    return tiled_frames(list(sample.frames.items()), context,
+                        lambda i, name, t: f"{name}  {t} {when(t)}" if i == 0 else name, sample.map, display)
 
 
 def plan_frames(levels, context, display=128):
     """Yield the frames of a per-level "plan" video: level l decoded on its own, upscaled to level 0's
     size, finest on the left (what each level of the hierarchy has decided, §3.1 / Fig. 5)."""
-    size = _display_size(levels[0][0], display)
-    for t in range(len(levels[0])):
-        yield np.concatenate([_tile(v[t], size, f"level {l}" + ("  context" if t < context else ""), t < context)
-                              for l, v in enumerate(levels)], axis=1)
+    return tiled_frames([(f"level {l}", v) for l, v in enumerate(levels)], context,
+                        lambda i, name, t: name + ("  context" if t < context else ""), display=display)
 
 
 def report(out_dir, results, video_ext=".mp4"):
@@ -528,8 +505,19 @@ def report(out_dir, results, video_ext=".mp4"):
     summary = summarize(results)
     for name, text in (("results.json", json.dumps(summary, indent=1)), ("results.md", results_markdown(summary))):
         data.atomic_write(os.path.join(out_dir, name), lambda tmp: Path(tmp).write_text(text))
-    write_per_frame_csv(os.path.join(out_dir, "per_frame.csv"), results)
-    plot_curves(os.path.join(out_dir, "consistency.png"), results)
+    metrics = [m for m in METRICS if any(m in r.per_frame for r in results.rows)]
+
+    def write_csv(tmp):  # per_frame.csv: one line per (row, video, generated offset), with the video frame index
+        with open(tmp, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["model", "video", "offset", "frame"] + metrics)
+            for r in results.rows:
+                K = next(iter(r.per_frame.values())).shape[1] if r.per_frame else 0
+                w.writerows([r.name, key, k + 1, results.context + k]
+                            + [f"{r.per_frame[m][v, k]:.6g}" if m in r.per_frame else "" for m in metrics]
+                            for v, key in enumerate(r.keys) for k in range(K))
+    data.atomic_write(os.path.join(out_dir, "per_frame.csv"), write_csv)
+    plot_curves(os.path.join(out_dir, "consistency.png"), results, metrics)
     for s in results.samples:
         name = s.key.replace("/", "-")  # keys look like "000/012"
         data.write_video(os.path.join(out_dir, "videos", name + video_ext),
@@ -566,16 +554,13 @@ class Model:
 
 def evaluate_videos(cfg, keys, load, decode, models, palette=None, lpips_net=None, draw_map=None,
                     unavailable=None, device="cpu", partner_latents=None, visibility=None):
-    """The protocol over `keys` in batches of cfg.batch_size -> Results (then `report` writes it).
-    load(key) -> Video; decode(z (n, T_l, C), level) -> (n, 3, H, W) in [0, 1]; models: [Model];
-    draw_map(world, poses, split, size) as in data.py. Latents, actions and metrics live on `device`.
-    partner_latents(key) -> level-0 latents of frames [context, total), all the random-latents row
-    reads of its partner video (default: via load). The first cfg.num_samples videos become samples.
-    Each model rolls out once per sampling seed; a video's metrics are the mean over seeds.
-    visibility(video) -> (face (F, W), wall (F, H, W), faces per frame) turns on the memory probe."""
-    c, n = cfg.context, cfg.total
-    if not 0 < c < n:
-        raise ValueError(f"EvalConfig: expected 0 < context < total, got context={c}, total={n}")
+    """The protocol over `keys` in batches of cfg.batch_size -> Results (then `report` writes it). load(key) -> Video;
+    decode(z (n, T_l, C), level) -> (n, 3, H, W) in [0, 1]; models: [Model]; draw_map(world, poses, split, size) as
+    in data.py; partner_latents(key) -> level-0 latents of frames [context, total), all the random-latents row reads
+    of its partner video (default: via load); visibility(video) -> (face (F, W), wall (F, H, W), faces per frame)
+    turns on the memory probe. Latents, actions and metrics live on `device`. Each model rolls out once per sampling
+    seed, a video's metrics are the mean over seeds; the first cfg.num_samples videos become samples."""
+    c, n = cfg.context, cfg.total  # 0 < c < n: EvalConfig checks it
     partner_latents = partner_latents or (lambda key: load(key).latents[0][c:n])
     buckets, partner = horizon_buckets(n - c, cfg.buckets), derangement(len(keys), cfg.seed)
     values, wall, samples = {}, {m.name: 0.0 for m in models}, []  # values: row -> metric -> [per video (K,)]
