@@ -1,22 +1,17 @@
 """Hierarchical (pyramid) autoencoder: paper §3.1, Fig. 1, Fig. 5, App. A.2.
 
-Every frame is encoded on its own into L levels of latent tokens. Level l holds
-(H/p/2^l)·(W/p/2^l) tokens of C channels (paper: 256/64/16/4 tokens of 32 channels for a 256² frame),
-and each level can be decoded alone into a whole frame: coarse levels keep layout and semantics, fine
-levels add texture.
+Every frame is encoded on its own into L levels of latent tokens. Level l holds (H/p/2^l)·(W/p/2^l) tokens of
+C channels (paper: 256/64/16/4 tokens of 32 channels for a 256² frame), and each level can be decoded alone into
+a whole frame: coarse levels keep layout and semantics, fine levels add texture.
 
-  encoder: box-filter image pyramid → one shared patch embedding for every level → 2D sin/cos position
-           in the token's own level grid + learned level embedding → one ViT over all levels' tokens at
-           once (coarse tokens can read the full-resolution image) → tanh(Linear(width → C)) bottleneck.
-  decoder: keep one level (the others are zeroed but stay in the sequence) → Linear(C → width) + the
-           same embeddings → DiT blocks with adaLN-Zero conditioned on the kept level → a Linear head
-           turning every token into a p×p RGB patch, i.e. a whole output pyramid.
+  encoder: box-filter image pyramid → one shared patch embedding for every level → 2D sin/cos position in the
+           token's own level grid + learned level embedding → one ViT over all levels' tokens at once (coarse
+           tokens can read the full-resolution image) → tanh(Linear(width → C)) bottleneck.
+  decoder: keep one level (the others are zeroed but stay in the sequence) → Linear(C → width) + the same
+           embeddings → DiT blocks with adaLN-Zero on the kept level → a Linear head: a p×p RGB patch per token.
   loss:    equal-weight MSE over the output pyramid + lpips_weight · LPIPS(VGG) on level 0.
-
-The cascaded ablation (§5 Q1/Q2, Fig. 5 bottom, Fig. 6, `variant="cascaded"`) replaces the learned
-coarse levels by 2×2 mean pools of the level-0 latents.
-
-The transformer pieces (`Attention`, `Block`, the adaLN-Zero `AdaLNBlock`, ...) and checkpoints are shared.
+The cascaded ablation (§5 Q1/Q2, Fig. 5 bottom, Fig. 6, `variant="cascaded"`) replaces the learned coarse levels
+by 2×2 mean pools of the level-0 latents. diffusion.py shares the transformer pieces and the checkpoint readers.
 
     python tokenizer.py levels runs/toy/ae --data runs/toy/data/test --image levels.png    # Fig. 5
 """
@@ -28,6 +23,7 @@ import os
 import pickle
 import subprocess
 import warnings
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,8 +35,6 @@ from PIL import Image, ImageDraw
 
 import data
 
-
-# ----------------------------------------------------------------------------- config
 
 @dataclass
 class AEConfig:
@@ -80,9 +74,8 @@ class AEConfig:
 
 PRESETS = {
     "paper": {},
-    # toy: 64² maze frames, patch 8 → 8²/4²/2²/1² = 64+16+4+1 tokens, ~8 M parameters, minutes on one
-    # GPU. lpips_weight 0 (our choice): the toy must run offline on any machine, and LPIPS(VGG) needs
-    # 528 MB of ImageNet weights; pass --lpips_weight=0.05 to follow the paper once they are supplied.
+    # toy: 64² maze frames, patch 8 → 64+16+4+1 tokens, ~8 M parameters, minutes on one GPU. lpips_weight 0 (ours):
+    # the toy runs offline anywhere, and LPIPS(VGG) needs 528 MB of ImageNet weights (--lpips_weight=0.05 once there)
     "toy": dict(image_size=data.PRESETS["toy"]["size"], patch_size=8, levels=4, channels=16, width=256, depth=4,
                 heads=4, lpips_weight=0.0, batch_size=128, steps=10_000, warmup=500),
     # tiny: 32² frames, patch 8 → 16+4+1 tokens, for CPU tests; no LPIPS (no VGG weights needed).
@@ -101,8 +94,7 @@ def num_params(module):
     return sum(p.numel() for p in module.parameters())
 
 
-# ----------------------------------------------------------------------------- pyramid and patches
-
+# ----------------------------------------------------------------------------- pyramid, patches, positions, blocks
 def box_pyramid(x, levels):
     """Image pyramid (§3.1): level 0 is the frame, level l+1 the 2×2 average pool of level l."""
     pyramid = [x]                                            # (B, 3, H, W)
@@ -134,12 +126,9 @@ def mean_pool_tokens(z, h, w):
     return F.avg_pool2d(grid, 2).flatten(2).transpose(1, 2)  # (B, h/2·w/2, C)
 
 
-# ----------------------------------------------------------------------------- positions
-
 def sincos_embed(pos, dim):
-    """1D sin/cos embedding: pos (...) → (..., dim), [sin(pos·ω_i), cos(pos·ω_i)] with ω_i = 10000^(-i/(dim/2-1)),
-    i < dim/2. The -1 (frequencies from 1 down to exactly 1/10000) is the authors' table: their released
-    weights were trained on it, so it must match to the cell (tokenizer.from_official)."""
+    """1D sin/cos embedding pos (...) → (..., dim): [sin(pos·ω_i), cos(pos·ω_i)], ω_i = 10000^(-i/(dim/2-1)), i < dim/2.
+    The -1 (frequencies from 1 down to exactly 1/10000) is the authors' table: their released weights need it."""
     n = dim // 2
     omega = 10000.0 ** -(torch.arange(n, dtype=torch.float32, device=pos.device) / max(n - 1, 1))
     angle = pos.float()[..., None] * omega                   # (..., dim/2)
@@ -147,9 +136,9 @@ def sincos_embed(pos, dim):
 
 
 def pyramid_layout(grids, width):
-    """Per-token 2D sin/cos position (T, width) and level index (T,), level-major then row-major.
-    Columns fill the first half of the channels, rows the second (the authors' order). (row, col) count in
-    the token's own level grid, not rescaled to level 0 (§3.1); the level embedding tells the levels apart."""
+    """Per-token 2D sin/cos position (T, width) and level index (T,), level-major then row-major. Columns fill the
+    first half of the channels, rows the second (the authors' order). (row, col) count in the token's own level grid,
+    not rescaled to level 0 (§3.1); the level embedding tells the levels apart."""
     pos, level = [], []
     for l, (h, w) in enumerate(grids):
         row, col = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")  # (h, w) each
@@ -159,11 +148,8 @@ def pyramid_layout(grids, width):
     return torch.cat(pos), torch.cat(level)                  # (T, width), (T,)
 
 
-# ----------------------------------------------------------------------------- transformer pieces
-
 class PatchEmbed(nn.Module):
     """One Linear over flattened p×p RGB patches, shared by every pyramid level (§3.1)."""
-
     def __init__(self, patch_size, width):
         super().__init__()
         self.patch_size = patch_size
@@ -175,13 +161,11 @@ class PatchEmbed(nn.Module):
 
 class Attention(nn.Module):
     """Multi-head self-attention, q and k RMS-normalised per head (keeps the logits bounded in bf16)."""
-
     def __init__(self, width, heads):
         super().__init__()
         self.heads = heads
         self.qkv = nn.Linear(width, 3 * width)
-        self.q_norm = nn.RMSNorm(width // heads)
-        self.k_norm = nn.RMSNorm(width // heads)
+        self.q_norm, self.k_norm = nn.RMSNorm(width // heads), nn.RMSNorm(width // heads)
         self.proj = nn.Linear(width, width)
 
     def forward(self, x):                                    # (B, T, D) → (B, T, D)
@@ -191,33 +175,20 @@ class Attention(nn.Module):
         # the norms run in fp32 even under bf16 autocast, then match v's dtype for the fused kernel
         q, k = self.q_norm(q.float()).to(v.dtype), self.k_norm(k.float()).to(v.dtype)
         x = F.scaled_dot_product_attention(q, k, v)          # (B, heads, T, D/heads)
-        x = x.transpose(1, 2).reshape(B, T, D)               # (B, T, D)
-        return self.proj(x)
-
-
-class Mlp(nn.Module):
-    """Transformer feed-forward: Linear → GELU(tanh) → Linear, hidden width mlp_ratio·width."""
-
-    def __init__(self, width, mlp_ratio):
-        super().__init__()
-        self.fc1 = nn.Linear(width, int(width * mlp_ratio))
-        self.act = nn.GELU(approximate="tanh")
-        self.fc2 = nn.Linear(int(width * mlp_ratio), width)
-
-    def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))
+        return self.proj(x.transpose(1, 2).reshape(B, T, D))  # (B, T, D)
 
 
 class Block(nn.Module):
-    """Pre-norm ViT block (the encoder's; the adaLN-Zero blocks here and in diffusion.py extend it).
-    Like the authors, the LayerNorms carry no gain or bias."""
-
+    """Pre-norm ViT block (the encoder's; AdaLNBlock extends it). Like the authors', LayerNorms without gain/bias."""
     def __init__(self, width, heads, mlp_ratio):
         super().__init__()
         self.norm1 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(width, heads)
         self.norm2 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
-        self.mlp = Mlp(width, mlp_ratio)
+        # feed-forward Linear → GELU(tanh) → Linear, named as timm's Mlp (fc1, fc2) like the authors' weights
+        hidden = int(width * mlp_ratio)
+        self.mlp = nn.Sequential(OrderedDict(fc1=nn.Linear(width, hidden), act=nn.GELU(approximate="tanh"),
+                                             fc2=nn.Linear(hidden, width)))
 
     def forward(self, x):                                    # (B, T, D) → (B, T, D)
         x = x + self.attn(self.norm1(x))
@@ -232,16 +203,12 @@ def modulate(x, shift, scale):
 def per_token(rows, index=None):
     """Modulation rows for (B, T, D) tokens: one per sample (B, D) → (B, 1, D), or each token's of U distinct
     rows (U, D) given index (B, T) → (B, T, D) (index_select: its backward is ~10x faster on CPU than [])."""
-    if index is None:
-        return rows[:, None]
-    return rows.index_select(0, index.flatten()).unflatten(0, index.shape)
+    return rows[:, None] if index is None else rows.index_select(0, index.flatten()).unflatten(0, index.shape)
 
 
 class AdaLNBlock(Block):
-    """DiT block with adaLN-Zero: both sub-layers' shift, scale and gate come from a condition vector, one
-    per sample (the decoder's kept level) or one per token (the video DiT's t, level, action: the batch's U
-    distinct conditions c (U, D) and an index (B, T), so the modulation Linear runs U, not B·T, times)."""
-
+    """DiT block with adaLN-Zero: both sub-layers' shift, scale and gate come from a condition c, one per sample (B, D)
+    (the decoder's level) or per token: U distinct rows (U, D) picked by index (B, T), so the Linear runs U times."""
     def __init__(self, width, heads, mlp_ratio):
         super().__init__(width, heads, mlp_ratio)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))
@@ -254,11 +221,9 @@ class AdaLNBlock(Block):
         return x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))
 
 
-# ----------------------------------------------------------------------------- encoder and decoder
-
+# ----------------------------------------------------------------------------- the autoencoder: encoder, decoder, loss
 class Encoder(nn.Module):
-    """Image → all levels' latents at once: (B, 3, H, W) → (B, T, C), T = Σ_l T_l (§3.1)."""
-
+    """Image → all levels' latents at once (§3.1)."""
     def __init__(self, cfg, grids):
         super().__init__()
         self.levels = cfg.levels
@@ -266,27 +231,23 @@ class Encoder(nn.Module):
         self.level_embed = nn.Embedding(cfg.levels, cfg.width)
         self.blocks = nn.ModuleList(Block(cfg.width, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth))
         self.bottleneck = nn.Linear(cfg.width, cfg.channels)
-        pos, token_level = pyramid_layout(grids, cfg.width)
-        # fixed tables, rebuilt from the config: kept out of the state_dict
+        pos, token_level = pyramid_layout(grids, cfg.width)  # fixed tables from the config: not in the state_dict
         self.register_buffer("pos", pos, persistent=False)                  # (T, D)
         self.register_buffer("token_level", token_level, persistent=False)  # (T,)
 
-    def forward(self, x):
-        # the same patch embedding for every pyramid level, tokens level-major then row-major
+    def forward(self, x):                                    # (B, 3, H, W) → (B, T, C), T = Σ_l T_l
         tokens = torch.cat([self.patch_embed(img) for img in box_pyramid(x, self.levels)], dim=1)  # (B, T, D)
         h = tokens + self.pos + self.level_embed(self.token_level)
         for block in self.blocks:                            # joint attention over every level's tokens
             h = block(h)
-        # bottleneck: deterministic, bounded latents; no KL, noise or quantisation (§3.1). Run in fp32
-        # even under bf16 autocast: bf16 would round the latents the video model learns (and the encode
-        # stage stores as float16, 2^-11 steps) to steps of 2^-8
+        # bottleneck: deterministic, bounded latents; no KL, noise or quantisation (§3.1). Run in fp32 even under
+        # bf16 autocast: bf16 would round the latents the video model learns (stored as float16, 2^-11 steps) to 2^-8
         with torch.autocast(h.device.type, enabled=False):
             return torch.tanh(self.bottleneck(h.float()))    # (B, T, C) float32
 
 
 class Decoder(nn.Module):
-    """Latents with one kept level → output pyramid patches: (B, T, C), (B,) → (B, T, 3·p·p) (§3.1)."""
-
+    """Latents with one kept level → output pyramid patches (§3.1)."""
     def __init__(self, cfg, grids):
         super().__init__()
         self.in_proj = nn.Linear(cfg.channels, cfg.width)
@@ -299,7 +260,7 @@ class Decoder(nn.Module):
         self.register_buffer("pos", pos, persistent=False)                  # (T, D)
         self.register_buffer("token_level", token_level, persistent=False)  # (T,)
 
-    def forward(self, z, level):                             # z (B, T, C), level (B,) long
+    def forward(self, z, level):                             # z (B, T, C), level (B,) long → (B, T, 3·p·p)
         h = self.in_proj(z) + self.pos + self.level_embed(self.token_level)  # (B, T, D)
         c = self.level_embed(level)                          # (B, D): the kept level conditions every block
         for block in self.blocks:
@@ -307,12 +268,9 @@ class Decoder(nn.Module):
         return self.head(h)                                  # (B, T, 3·p·p), no sigmoid
 
 
-# ----------------------------------------------------------------------------- loss and LPIPS
-
 def pyramid_mse(pred, target):
-    """Equal-weight pyramid MSE (§3.1). Each token's squared error gets weight 4^l, then the mean over all
-    T tokens of all levels is taken. With T_l = T_0/4^l tokens at level l:
-        (1/T)·Σ_l 4^l·T_l·MSE_l = (T_0/T)·Σ_l MSE_l,
+    """Equal-weight pyramid MSE (§3.1): each token's squared error weighted 4^l, then the mean over all T tokens;
+    with T_l = T_0/4^l tokens at level l,  (1/T)·Σ_l 4^l·T_l·MSE_l = (T_0/T)·Σ_l MSE_l,
     so every level counts the same although level l has 4^-l as many pixels. Returns (loss, [MSE_l])."""
     mse = [F.mse_loss(p.float(), t.float()) for p, t in zip(pred, target)]  # per-pixel MSE per level
     pixels = [t.shape[-2] * t.shape[-1] for t in target]    # ∝ T_l
@@ -321,14 +279,10 @@ def pyramid_mse(pred, target):
 
 
 def lpips_net(net):
-    """Frozen LPIPS on torchvision's ImageNet `net` ("vgg": the autoencoder's loss, "alex": the metric) from
-    local weights only: (network, None), or (None, which file is missing and how to supply it). The file
-    is looked up in the torch hub cache before anything is built, so nothing is ever downloaded (lpips'
-    own linear heads ship inside the pip package)."""
-    import lpips
-    import torchvision
-    weights = {"vgg": torchvision.models.VGG16_Weights, "alex": torchvision.models.AlexNet_Weights}[net]
-    name = os.path.basename(weights.IMAGENET1K_V1.url)      # vgg16-397923af.pth, alexnet-owt-7be5be79.pth
+    """Frozen LPIPS on torchvision's ImageNet `net` ("vgg": the autoencoder's loss, "alex": the metric) from local
+    weights only, never downloaded: (network, None), or (None, which file is missing and how to supply it)."""
+    import lpips  # its own linear heads ship inside the pip package; the ImageNet weights are looked up first
+    name = {"vgg": "vgg16-397923af.pth", "alex": "alexnet-owt-7be5be79.pth"}[net]  # torchvision's IMAGENET1K_V1
     path = os.path.join(torch.hub.get_dir(), "checkpoints", name)
     if not os.path.isfile(path):
         return None, (f"LPIPS-{net}: unavailable (needs weights: torchvision's {name}, expected at {path}; "
@@ -339,29 +293,22 @@ def lpips_net(net):
         return lpips.LPIPS(net=net, verbose=False).eval().requires_grad_(False), None
 
 
-# ----------------------------------------------------------------------------- the autoencoder
-
 class HierarchicalAutoencoder(nn.Module):
-    """Pyramid autoencoder (§3.1). `encode` gives every level, `decode` reconstructs from one, `loss` is
-    the whole training objective."""
-
+    """Pyramid autoencoder (§3.1): `encode` gives every level, `decode` reconstructs from one, `loss` trains it."""
     def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
         s = cfg.image_size // cfg.patch_size
         self.grids = [(s >> l, s >> l) for l in range(cfg.levels)]      # (h_l, w_l): 16², 8², 4², 2²
         self.tokens_per_level = [h * w for h, w in self.grids]          # T_l: 256, 64, 16, 4
-        self.encoder = Encoder(cfg, self.grids)
-        self.decoder = Decoder(cfg, self.grids)
+        self.encoder, self.decoder = Encoder(cfg, self.grids), Decoder(cfg, self.grids)
         self.initialize_weights()
-        # LPIPS lives outside the module tree: never in state_dict or parameters(), never moved by .to(),
-        # never switched to train mode (its heads have dropout). Attached by load_lpips().
+        # LPIPS (load_lpips) stays outside the module tree: never saved, moved by .to() or put in train mode (dropout)
         object.__setattr__(self, "lpips", None)
 
     @classmethod
     def from_checkpoint(cls, path, device="cpu"):
-        """The trained autoencoder of a checkpoint file (or a run folder's newest), rebuilt from the config
-        stored in it alone; in eval mode on `device`."""
+        """A checkpoint file's (or a run folder's newest) autoencoder, rebuilt from its stored config; eval mode."""
         ckpt = read_checkpoint(path, "ae")
         model = cls(AEConfig(**ckpt["config"]["model"]))
         model.load_state_dict(ckpt["model"])
@@ -369,14 +316,13 @@ class HierarchicalAutoencoder(nn.Module):
         return model.to(device).eval()
 
     def initialize_weights(self):
-        # every Linear (patch embedding, attention, MLP, bottleneck, in_proj, head): Xavier-uniform
-        # weight and zero bias, as in ViT/DiT
+        # every Linear (embeddings, attention, MLP, bottleneck, head): Xavier-uniform weight, zero bias (ViT/DiT)
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
-        # level embeddings: N(0, 1) (nn.Embedding's default, the authors' choice), the same scale as
-        # the sin/cos positions, so the adaLN condition is distinct for each level from step one
+        # level embeddings: N(0, 1) (nn.Embedding's default, the authors' choice), the same scale as the sin/cos
+        # positions, so the adaLN condition is distinct for each level from step one
         for table in (self.encoder.level_embed, self.decoder.level_embed):
             nn.init.normal_(table.weight, std=1.0)
         # adaLN-Zero (DiT): zero modulation → zero gates, so every decoder block starts as the identity
@@ -393,42 +339,30 @@ class HierarchicalAutoencoder(nn.Module):
             raise ValueError(f"encode: x has shape {tuple(x.shape)}, expected (B, 3, {S}, {S})")
         z = list(self.encoder(x).split(self.tokens_per_level, dim=1))  # [(B, T_l, C)]
         if self.cfg.variant == "cascaded":
-            # ablation (§5): coarse levels are mean pools of level 0, not learned. Detached, so they
-            # train the decoder only; otherwise encoder and decoder could still learn coarse codes
-            # through the pooling (the authors' reason)
-            pooled = z[0].detach()
+            # ablation (§5): coarse levels are mean pools of level 0, not learned. Detached, so they train the
+            # decoder only; else both could still learn coarse codes through the pooling (the authors' reason)
             for l in range(1, self.cfg.levels):
-                pooled = mean_pool_tokens(pooled, *self.grids[l - 1])  # (B, T_l, C)
-                z[l] = pooled
+                z[l] = mean_pool_tokens(z[l - 1].detach(), *self.grids[l - 1])  # (B, T_l, C)
         return z
 
-    def keep_level(self, z, level):
-        """Decoder input: all levels in one fixed-length sequence (B, T, C) with every level but the kept
-        one set to zero (§3.1), and level as a (B,) long tensor. z entries may be None (= zeros)."""
+    def decode(self, z, level):
+        """z: list over levels of (B, T_l, C) (None: zeros); level: the one level kept, int or (B,) long. Returns the
+        output pyramid [(B, 3, H/2^l, W/2^l)], unclamped: inference uses level 0, the rest helps training (§3.1)."""
         if len(z) != self.cfg.levels:
             raise ValueError(f"decode: z has {len(z)} levels, expected {self.cfg.levels}")
-        ref = next(t for t in z if t is not None)
-        B, C = ref.shape[0], self.cfg.channels
-        z = torch.cat([t if t is not None else ref.new_zeros(B, n, C)
+        ref = next(t for t in z if t is not None)                          # batch size, dtype, device of the zeros
+        z = torch.cat([t if t is not None else ref.new_zeros(len(ref), n, self.cfg.channels)
                        for t, n in zip(z, self.tokens_per_level)], dim=1)  # (B, T, C)
         if isinstance(level, int) and not 0 <= level < self.cfg.levels:
             raise ValueError(f"decode: level {level} outside 0..{self.cfg.levels - 1}")
-        level = torch.as_tensor(level, device=z.device).long().expand(B)   # (B,)
-        keep = self.decoder.token_level[None, :] == level[:, None]         # (B, T)
-        return torch.where(keep[..., None], z, 0.0), level
-
-    def decode(self, z, level):
-        """z: list over levels of (B, T_l, C); level: int or (B,) long tensor, the one level kept.
-        Returns the output pyramid [(B, 3, H/2^l, W/2^l)] for l = 0..L-1, unclamped. Inference uses
-        level 0 of it; the coarse outputs only help training (§3.1)."""
-        out = self.decoder(*self.keep_level(z, level))       # (B, T, 3·p·p)
-        p = self.cfg.patch_size
-        return [unpatchify(tokens, p, h, w)                  # (B, 3, h·p, w·p)
+        level = torch.as_tensor(level, device=z.device).long().expand(len(z))  # (B,)
+        keep = self.decoder.token_level[None, :] == level[:, None]  # (B, T): the others zeroed, still in the sequence
+        out = self.decoder(torch.where(keep[..., None], z, 0.0), level)    # (B, T, 3·p·p)
+        return [unpatchify(tokens, self.cfg.patch_size, h, w)              # (B, 3, h·p, w·p)
                 for tokens, (h, w) in zip(out.split(self.tokens_per_level, dim=1), self.grids)]
 
     def load_lpips(self, net=None):
-        """Attach the frozen LPIPS network the loss uses; None builds LPIPS(VGG) from local weights and
-        raises FileNotFoundError saying how to supply them. Call it before training starts."""
+        """Attach the loss's frozen LPIPS (None: LPIPS(VGG) from local weights, else FileNotFoundError saying how)."""
         net, why = (net, None) if net is not None else lpips_net("vgg")
         if net is None:
             raise FileNotFoundError(f"{why}; or train without the perceptual term: --lpips_weight=0")
@@ -436,11 +370,9 @@ class HierarchicalAutoencoder(nn.Module):
         return net
 
     def loss(self, x, level=None, generator=None):
-        """The whole objective (§3.1) for frames x (B, 3, H, W) in [0, 1]. The kept level is drawn
-        uniformly per sample unless `level` is given. Returns (loss, stats) with stats loss,
-        mse0..mse{L-1} (per-pixel MSE per output level) and lpips (when lpips_weight > 0) as detached
-        0-dim tensors: reading one (float(), .item(), formatting) waits for the device, so a training
-        loop does it only on the steps it logs."""
+        """The whole objective (§3.1) for frames x (B, 3, H, W) in [0, 1], the kept level drawn uniformly per sample
+        unless given. Returns (loss, stats): loss, mse0..mse{L-1} (per-pixel MSE per output level) and lpips (if
+        lpips_weight > 0) as detached 0-dim tensors; reading one waits for the device, so log only every N steps."""
         if level is None:
             level = torch.randint(self.cfg.levels, (x.shape[0],), device=x.device, generator=generator)
         pred = self.decode(self.encode(x), level)            # whole output pyramid, whatever level was kept
@@ -456,13 +388,10 @@ class HierarchicalAutoencoder(nn.Module):
         stats["loss"] = loss
         return loss, {k: v.detach() for k, v in stats.items()}
 
-    def forward(self, x, level=None, generator=None):
-        # calling the model runs the objective, so DistributedDataParallel(model)(x) syncs gradients
-        return self.loss(x, level, generator)
+    forward = loss  # calling the model runs the objective, so DistributedDataParallel(model)(x) syncs gradients
 
 
-# ----------------------------------------------------------------------------- checkpoints and provenance
-
+# ----------------------------------------------------------------------------- checkpoints, latents, the authors' files
 # train.py's checkpoints: {"model", "step", "optimizers", "config": {"stage", "format", "model", "rollout", "run",
 # ...}}. Format 3: the authors' sin/cos tables and FramePack packing order; other formats are refused, never misread.
 CHECKPOINT_FORMAT = 3
@@ -473,9 +402,8 @@ def newest_checkpoint(folder):
 
 
 def read_checkpoint(path, stage):
-    """The checkpoint dict of a file, or of a run folder's newest loadable one (an unreadable newer one, say
-    truncated by a full disk, is named and skipped), checked to be a `stage` ("ae" or "video") checkpoint
-    of this code's format; errors name the file. Tensors are memory-mapped until used; ckpt["path"]."""
+    """The checkpoint dict (tensors memory-mapped, "path" added) of a file or of a run folder's newest loadable one
+    (an unreadable newer one is named and skipped), checked to be of `stage` ("ae"/"video") and this code's format."""
     files = sorted(glob.glob(os.path.join(path, "ckpt-*.pt")), reverse=True) if os.path.isdir(path) else [path]
     if not files or not os.path.isfile(files[0]):
         raise FileNotFoundError(f"{path}: no checkpoint there; train it first (python train.py --stage {stage})")
@@ -503,10 +431,18 @@ def sha256(path):
     return digest.hexdigest()
 
 
-# the latent store (train.py --stage encode): KEY/l{level}.npy (frames, T_l, C) float16 and KEY/actions.npy per
-# video, meta.json (grids, channels and `ae_sha256`: the autoencoder that made it) first, index.json last
+def git_commit():
+    """The commit of this code, recorded next to every output ("unknown" outside a git checkout)."""
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
 
 def write_latents(root, key, levels, actions):
+    """The latent store (train.py --stage encode): KEY/l{level}.npy (frames, T_l, C) float16 and KEY/actions.npy per
+    video; meta.json (grids, channels, `ae_sha256`: the autoencoder that made it) first, index.json last."""
     done = os.path.join(root, key, "actions.npy")
     Path(done).unlink(missing_ok=True)              # rewriting: unmark first
     for level, z in enumerate(levels):
@@ -528,35 +464,8 @@ def read_latents(root, key, level, start, stop):
     return z
 
 
-def read_pyramid(path, grids, channels, action_dim=6):
-    """The authors' latent file (`.pyramid`, their test latents in charatan/loopcraft): per video, sections
-    s = 0..L-1, each holding for every frame the bf16 latents (C, h_l, w_l) of levels s..L-1, then the frame's
-    float32 action row [action, x, y, z, yaw, pitch]. Section 0 alone holds everything: returns its latents per
-    level as (F, T_l, C) float32 (tokens row-major, as our store) and the actions (F, action_dim) float32."""
-    level_bytes = [2 * channels * h * w for h, w in grids]
-    row = sum(level_bytes) + 4 * action_dim                   # one frame of section 0
-    per_frame = sum(sum(level_bytes[s:]) + 4 * action_dim for s in range(len(grids)))  # over all sections
-    size = os.path.getsize(path)
-    if size == 0 or size % per_frame:
-        raise ValueError(f"{path}: {size} bytes is not a whole number of frames of {per_frame} bytes (levels "
-                         f"{grids} x {channels} channels in bf16 + {action_dim} float32 actions): truncated or another layout")
-    frames = np.fromfile(path, np.uint8, count=size // per_frame * row).reshape(-1, row)  # (F, row) section 0
-    levels, at = [], 0
-    for (h, w), n in zip(grids, level_bytes):
-        u16 = frames[:, at:at + n].copy().view(np.uint16).astype(np.uint32)               # bf16 bit patterns
-        z = (u16 << 16).view(np.float32).reshape(-1, channels, h * w)                       # bf16 -> float32 exactly
-        levels.append(np.ascontiguousarray(z.transpose(0, 2, 1)))                           # (F, h·w, C)
-        at += n
-    actions = frames[:, at:].copy().view(np.float32)                                        # (F, action_dim)
-    if not (all(np.isfinite(z).all() for z in levels) and np.isfinite(actions).all()):
-        raise ValueError(f"{path}: non-finite latents or actions")
-    return levels, actions
-
-
-# ----------------------------------------------------------------------------- the authors' released weights
-# Their checkpoints (Hugging Face charatan/millivid; never downloaded here) are torch.save dicts whose "model" is
-# the state dict. Their names -> ours, first matching prefix wins; the architecture is the same to the cell.
-
+# the authors' released weights (Hugging Face charatan/millivid, never downloaded here): their names -> ours, the first
+# matching prefix wins; the architecture is the same to the cell
 OFFICIAL_AE = [("encoder.transformer.blocks.", "encoder.blocks."), ("encoder.patchify.", "encoder.patch_embed.proj."),
                ("encoder.level_embedding.", "encoder.level_embed."), ("encoder.bottleneck.", "encoder.bottleneck."),
                ("decoder.transformer.blocks.", "decoder.blocks."), ("decoder.unbottleneck.", "decoder.in_proj."),
@@ -564,8 +473,7 @@ OFFICIAL_AE = [("encoder.transformer.blocks.", "encoder.blocks."), ("encoder.pat
 
 
 def official_state_dict(source):
-    """The state dict of an authors' checkpoint: `source` is a file path, a torch.save dict with "model", or a
-    state dict."""
+    """The state dict of an authors' checkpoint: `source` is a file path, a torch.save dict with "model", or that."""
     if isinstance(source, (str, Path)):
         if not os.path.isfile(source):
             raise FileNotFoundError(f"{source}: no such checkpoint file (the authors' releases are on the Hugging "
@@ -575,9 +483,8 @@ def official_state_dict(source):
 
 
 def load_official(module, state, rules, skip=(), name="checkpoint"):
-    """Load an authors' state dict into `module`: each key renamed by the first of `rules` (their prefix, ours)
-    that matches; keys under a `skip` prefix are left out on purpose. Every entry of module.state_dict() must
-    arrive with its shape, and every key must have a place: otherwise an error names the key (and shapes)."""
+    """Load an authors' state dict into `module` by `rules` (their prefix, ours), keys under a `skip` prefix left
+    out: every key must find a place, every entry of module.state_dict() a value of its shape, or an error names it."""
     ours, mapped = module.state_dict(), {}
     for key, value in state.items():
         if key.startswith(tuple(skip)):
@@ -596,10 +503,9 @@ def load_official(module, state, rules, skip=(), name="checkpoint"):
 
 
 def from_official(source, cfg=None):
-    """The authors' autoencoder in our HierarchicalAutoencoder (cfg: the paper's, ae_config("paper"), by default).
-    From their autoencoder checkpoint (autoencoder_3zg3ovzdhnun_128000.ckpt): encoder and decoder; their LPIPS
-    network (`lpips.*`, a training loss) is left out. From a video checkpoint (`dit.*`), when it holds a copy
-    of the decoder (`decoder.*`): the decoder only, and encode() refuses."""
+    """The authors' autoencoder in our HierarchicalAutoencoder (cfg: ae_config("paper") by default). From their
+    autoencoder checkpoint (autoencoder_3zg3ovzdhnun_128000.ckpt): encoder and decoder, their LPIPS (`lpips.*`, a
+    training loss) left out. From a video checkpoint (`dit.*`) holding a copy of it: the decoder only (no encode())."""
     state = official_state_dict(source)
     model = HierarchicalAutoencoder(cfg or ae_config("paper"))
     if not any(k.startswith("encoder.") for k in state):
@@ -610,21 +516,33 @@ def from_official(source, cfg=None):
     return load_official(model, state, OFFICIAL_AE, skip=("lpips.", "dit."), name=model.source)
 
 
-def git_commit():
-    """The commit of this code, recorded next to every output ("unknown" outside a git checkout)."""
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "unknown"
-    except OSError:
-        return "unknown"
+def read_pyramid(path, grids, channels, action_dim=6):
+    """The authors' latent file (`.pyramid`, their test latents in charatan/loopcraft): per video, sections s = 0..L-1,
+    each holding for every frame the bf16 latents (C, h_l, w_l) of levels s..L-1, then its float32 action row [action,
+    x, y, z, yaw, pitch]. Section 0 holds all; returned as float32: per level (F, T_l, C), and (F, action_dim)."""
+    level_bytes = [2 * channels * h * w for h, w in grids]
+    row = sum(level_bytes) + 4 * action_dim                   # one frame of section 0
+    per_frame = sum(sum(level_bytes[s:]) + 4 * action_dim for s in range(len(grids)))  # over all sections
+    size = os.path.getsize(path)
+    if size == 0 or size % per_frame:
+        raise ValueError(f"{path}: {size} bytes is not a whole number of frames of {per_frame} bytes (levels {grids} "
+                         f"x {channels} channels in bf16 + {action_dim} float32 actions): truncated or another layout")
+    frames = np.fromfile(path, np.uint8, count=size // per_frame * row).reshape(-1, row)  # (F, row) section 0
+    *parts, actions = np.split(frames, np.cumsum(level_bytes), axis=1)  # per level (F, 2·C·h·w) bytes, then actions
+    levels = []
+    for (h, w), part in zip(grids, parts):                                 # bf16 -> float32 is exact
+        z = torch.from_numpy(part.copy()).view(torch.bfloat16).float().reshape(-1, channels, h * w)  # (F, C, h·w)
+        levels.append(z.transpose(1, 2).contiguous().numpy())             # (F, h·w, C), tokens row-major as our store
+    actions = actions.copy().view(np.float32)                              # (F, action_dim)
+    if not (all(np.isfinite(z).all() for z in levels) and np.isfinite(actions).all()):
+        raise ValueError(f"{path}: non-finite latents or actions")
+    return levels, actions
 
 
 # ----------------------------------------------------------------------------- inspecting the hierarchy
-
 @torch.no_grad()
 def level_psnr(model, x):
-    """PSNR (dB, on [0, 1]) of the level-0 output decoded from each level alone, and those outputs:
-    what each level keeps of frames x (B, 3, H, W) (§5 Q1, Fig. 5). Returns ([psnr per level], [images])."""
+    """What each level keeps of frames x (B, 3, H, W) (§5 Q1, Fig. 5): ([PSNR per level], [level-0 outputs])."""
     z = model.encode(x)
     images = [model.decode(z, level)[0].clamp(0, 1) for level in range(len(z))]  # (B, 3, H, W) each
     return [(-10 * torch.log10((im - x).square().mean())).item() for im in images], images
@@ -650,35 +568,32 @@ def save_levels_image(path, x, images):
     grid = torch.cat([torch.cat(list(column), dim=1) for column in [x, *images]], dim=2)  # (3, B·H, (L+1)·W)
     k = -(-128 // x.shape[-1])                                                             # ceil(128 / W)
     pixels = to_uint8(grid[None])[0].repeat(k, 0).repeat(k, 1)                             # (k·B·H, k·(L+1)·W, 3)
-    canvas = Image.new("RGB", (pixels.shape[1], pixels.shape[0] + 14))
-    canvas.paste(Image.fromarray(pixels), (0, 14))
+    canvas = Image.fromarray(np.pad(pixels, ((14, 0), (0, 0), (0, 0))))                    # a 14-pixel caption bar
     for i, label in enumerate(["ground truth"] + [f"from level {l}" for l in range(len(images))]):
         ImageDraw.Draw(canvas).text((i * k * x.shape[-1] + 3, 1), label, fill="white")
     data.atomic_write(path, lambda tmp: canvas.save(tmp))
 
 
 def main(argv=None):
-    """python tokenizer.py levels CKPT [CKPT ...] --data DIR [--frames N] [--image FILE]: per checkpoint,
-    the PSNR of each level decoded alone on frames spread over a frame store, and a Fig. 5-style image
-    (per checkpoint `--show` rows: ground truth, then the frame decoded from levels 0..L-1)."""
+    """python tokenizer.py levels CKPT [CKPT ...] --data DIR: per checkpoint, the PSNR of each level decoded alone."""
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("command", choices=["levels"])
     parser.add_argument("checkpoints", nargs="+", help="checkpoint files or autoencoder run folders")
     parser.add_argument("--data", required=True, help="frame store (e.g. runs/toy/data/test)")
     parser.add_argument("--frames", type=int, default=256, help="frames scored, spread over the store")
-    parser.add_argument("--image", help="write the Fig. 5-style comparison here (PNG)")
+    parser.add_argument("--image", help="write the Fig. 5-style comparison here (PNG): truth, then levels 0..L-1")
     parser.add_argument("--show", type=int, default=3, help="frames per checkpoint in the image")
     args = parser.parse_args(argv)
     x = spread_frames(args.data, sorted(data.load_index(args.data)), args.frames)  # (N, 3, H, W)
-    shown, rows = range(0, len(x), max(1, len(x) // args.show))[:args.show], ([], [])
+    shown = range(0, len(x), max(1, len(x) // args.show))[:args.show]
+    decoded = []                                             # per checkpoint, per level: the `--show` frames
     for path in args.checkpoints:
         model = HierarchicalAutoencoder.from_checkpoint(path)
         psnr, images = level_psnr(model, x)
         print(f"{model.cfg.variant:>12} {path}: " + "  ".join(f"L{l} {p:5.2f} dB" for l, p in enumerate(psnr)))
-        rows[0].append(x[shown])
-        rows[1].append([im[shown] for im in images])
+        decoded.append([im[shown] for im in images])
     if args.image:  # per checkpoint its `--show` rows, one below the other
-        save_levels_image(args.image, torch.cat(rows[0]), [torch.cat(c) for c in zip(*rows[1])])
+        save_levels_image(args.image, torch.cat([x[shown]] * len(decoded)), [torch.cat(c) for c in zip(*decoded)])
 
 
 if __name__ == "__main__":
