@@ -98,6 +98,11 @@ def alpha_sigma(t, shift=1.0, bound=15.0):
     return torch.sigmoid(lam).sqrt(), torch.sigmoid(-lam).sqrt()
 
 
+def token_times(t, denoised):
+    """Per-token diffusion times (B, T) from the model's per-sample pair t (B, 2) = (CONTEXT's, DENOISED's)."""
+    return torch.where(denoised, t[:, 1:], t[:, :1])
+
+
 def timestep_embedding(t, dim=256, max_period=10_000):
     """Sin/cos features of the diffusion time (DiT): [cos(1000·t·ω_i), sin(1000·t·ω_i)], t in [0, 1] scaled to
     DiT's [0, 1000], ω_i = max_period^(-i/(dim/2-1)) (the authors' table, with its -1: see sincos_embed)."""
@@ -129,7 +134,9 @@ class FinalLayer(nn.Module):
         self.out = nn.Linear(width, channels)
 
     def forward(self, x, c, index):
-        shift, scale = (per_token(m, index) for m in self.adaLN_modulation(c).chunk(2, dim=-1))  # 2 x (B, T, D)
+        with torch.autocast(c.device.type, enabled=False):  # fp32 modulation rows (see VideoDiT.conditioning)
+            rows = self.adaLN_modulation(c.float())
+        shift, scale = (per_token(m, index) for m in rows.chunk(2, dim=-1))  # 2 x (B, T, D)
         return self.out(modulate(self.norm(x), shift, scale))
 
 
@@ -202,51 +209,60 @@ class VideoDiT(nn.Module):
             nn.init.zeros_(m.weight)
             nn.init.zeros_(m.bias)
 
-    def conditioning(self, t, level, action):
-        """c = timestep_embedding(t) + level_embedding(level) + action_embedding(action) for each distinct
-        (t, level, action) of the batch: returns c (U, D) and index (B, T) into it."""
-        L, A = self.cfg.levels, self.cfg.num_actions + 1  # action -1 .. num_actions-1 -> 0 .. A-1
-        t_u, t_index = torch.unique(t, return_inverse=True)  # the distinct times
-        key_u, index = torch.unique((t_index * L + level) * A + action + 1, return_inverse=True)  # (U,), (B, T)
-        t_c, level_c, action_c = t_u[key_u // (L * A)], key_u // A % L, key_u % A - 1  # (U,) each
-        # action -1 means dropped (CFG): a zero vector instead of an embedding
-        a = self.action_embed(action_c.clamp(min=0)) * (action_c >= 0)[:, None]
-        c = self.t_embed(timestep_embedding(t_c)) + self.level_embed(level_c) + a
-        return c, index
+    def conditioning(self, t, denoised, level, action):
+        """c = timestep_embedding(t) + level_embedding(level) + action_embedding(action) for every (sample, role,
+        level, action) the batch could hold, a table of static size B·2·L·(A+1) computed in fp32 (its rows are
+        shared by thousands of tokens, whose gradients they sum), and each token's row: c (U, D), index (B, T).
+        No torch.unique: nothing in the step waits for the host."""
+        B, L, A = t.shape[0], self.cfg.levels, self.cfg.num_actions + 1  # action -1 .. A-2 -> row 0 .. A-1
+        with torch.autocast(t.device.type, enabled=False):
+            # action -1 means dropped (CFG): a zero vector instead of an embedding
+            a = torch.cat([self.action_embed.weight.new_zeros(1, self.cfg.width), self.action_embed.weight]).float()
+            c = (self.t_embed(timestep_embedding(t.flatten())).float()[:, None, None]  # (B·2, 1, 1, D)
+                 + self.level_embed.weight.float()[None, :, None] + a[None, None])      # (B·2, L, A, D)
+        sample = torch.arange(B, device=t.device)[:, None]
+        index = ((sample * 2 + denoised.long()) * L + level) * A + action + 1           # (B, T)
+        return c.flatten(0, 2), index
 
-    def pack(self, x_t, t, frame, level, row, col, action):
-        """Dense FramePack input: space-to-depth each group k with 2^k x 2^k on the level-0 grid."""
-        B, T, _ = x_t.shape
-        h, w = int(row.max()) + 1, int(col.max()) + 1  # the level-0 grid
-        if not (level == level[:1]).all() or (level[:, 1:] < level[:, :-1]).any():
-            raise ValueError("VideoDiT(dense): level (group k) must be level-major and equal across "
-                             "the batch, as rollout.step_layout(dense=True) lays it out")
-        counts = torch.bincount(level[0], minlength=self.cfg.levels).tolist()  # raw tokens per group
+    def pack(self, x_t, denoised, frame, level, row, col, action, packing=None):
+        """Dense FramePack input: space-to-depth each group k with 2^k x 2^k on the level-0 grid. packing:
+        ((h, w), frames per group k), known on the host before the step (rollout.dense_packing); None reads
+        it from the layout, waiting for the device once."""
+        if packing is None:
+            if not (level == level[:1]).all() or (level[:, 1:] < level[:, :-1]).any():
+                raise ValueError("VideoDiT(dense): level (group k) must be level-major and equal across "
+                                 "the batch, as rollout.step_layout(dense=True) lays it out")
+            counts = torch.bincount(level[0], minlength=self.cfg.levels)
+            h, w = int(row.max()) + 1, int(col.max()) + 1
+            packing = ((h, w), [int(n) // (h * w) for n in counts])
+        (h, w), group_frames = packing
         tokens, meta, start = [], [], 0
-        for k, n in enumerate(counts):
-            p, frames, cells = 2 ** k, n // (h * w), slice(start, start + n)
-            if n % (h * w) or h % p or w % p:
-                raise ValueError(f"VideoDiT(dense): group {k} has {n} tokens, not whole {h}x{w} "
-                                 f"frames divisible into {p}x{p} patches")
+        for k, frames in enumerate(group_frames):
+            p, cells = 2 ** k, slice(start, start + frames * h * w)
+            if h % p or w % p:
+                raise ValueError(f"VideoDiT(dense): group {k}'s {p}x{p} patches do not tile the {h}x{w} grid")
             tokens.append(self.embed[k](space_to_depth(x_t[:, cells], frames, h, w, p)))  # (B, F_k h w / p², D)
-            # a packed token keeps its top-left token's (t, frame, level, action), equal over the patch, and
-            # takes its (row, col) in the downsampled grid
-            m = torch.stack([t, frame, level, row // p, col // p, action], -1)[:, cells].to(t.dtype)  # (B, n, 6)
+            # a packed token keeps its top-left token's (role, frame, level, action), equal over the patch,
+            # and takes its (row, col) in the downsampled grid
+            m = torch.stack([denoised.long(), frame, level, row // p, col // p, action], -1)[:, cells]  # (B, n, 6)
             meta.append(space_to_depth(m, frames, h, w, p)[..., ::p * p])  # (B, F_k h w / p², 6): top-left token
-            start += n
-        t, frame, level, row, col, action = torch.cat(meta, 1).unbind(-1)  # (B, T') each
-        return torch.cat(tokens, 1), t, *(a.long() for a in (frame, level, row, col, action)), counts[0]
+            start += frames * h * w
+        denoised, frame, level, row, col, action = torch.cat(meta, 1).unbind(-1)  # (B, T') each
+        return torch.cat(tokens, 1), denoised.bool(), frame, level, row, col, action, group_frames[0] * h * w
 
-    def forward(self, x_t, t, frame, level, row, col, action):
+    def forward(self, x_t, t, denoised, frame, level, row, col, action, packing=None):
+        """t (B, 2): each sample's diffusion time of its CONTEXT tokens and of its DENOISED tokens; denoised
+        (B, T) or (T,) bool says which token is which."""
         B, T, _ = x_t.shape
-        frame, level, row, col, action = (a.expand(B, T) for a in (frame, level, row, col, action))
+        denoised, frame, level, row, col, action = (
+            a.expand(B, T) for a in (denoised, frame, level, row, col, action))
         L, A = self.cfg.levels, self.cfg.num_actions
-        if not (((level >= 0) & (level < L)).all() & ((action >= -1) & (action < A)).all()):  # one host sync
-            raise ValueError(f"VideoDiT: level must lie in [0, {L}) and action in [-1, {A}), got levels "
-                             f"{level.unique().tolist()}, actions {action.unique().tolist()}")
-        t = t.float().expand(B, T)
+        # checked on the device: no host sync (on a GPU a bad value fails the step asynchronously)
+        torch._assert_async(((level >= 0) & (level < L)).all() & ((action >= -1) & (action < A)).all(),
+                            f"VideoDiT: level must lie in [0, {L}) and action in [-1, {A})")
         if self.cfg.dense:
-            h, t, frame, level, row, col, action, n0 = self.pack(x_t, t, frame, level, row, col, action)
+            h, denoised, frame, level, row, col, action, n0 = self.pack(x_t, denoised, frame, level, row, col,
+                                                                       action, packing)
         else:
             h, n0 = self.embed(x_t), T  # (B, T, D)
         # frame index relative to the step's earliest frame: training chunks and rollout buffers agree
@@ -254,7 +270,7 @@ class VideoDiT(nn.Module):
         # the residual stream stays fp32 under bf16 autocast (the blocks' Linears and attention run in
         # bf16): a bf16 stream would round away the small, near-zero-gated block updates of early training
         h = h.float() + sincos_3d(frame, row, col, self.cfg.width)
-        c, index = self.conditioning(t, level, action)
+        c, index = self.conditioning(t.float(), denoised, level, action)
         for block in self.blocks:
             h = block(h, c, index)
         v = self.final(h[:, :n0], c, index[:, :n0])  # (B, n0, C): only k = 0 tokens are ever denoised
@@ -265,8 +281,8 @@ class VideoDiT(nn.Module):
 # framepack_192k.ckpt: dense) name our parts so (tokenizer.load_official); `decoder.*`, when present, is
 # their copy of the autoencoder's decoder (tokenizer.from_official reads it)
 OFFICIAL_DIT = [("dit.dit.dit.blocks.", "blocks."), ("dit.dit.time_embedding.mlp.", "t_embed."),
-                ("dit.dit.level_embedding.", "level_embed."), ("dit.dit.action_encoder.action_embedding.", "action_embed."),
-                ("dit.patchify.", "embed."), ("dit.unpatchify.linear.", "final.out."),
+                ("dit.dit.level_embedding.", "level_embed."), ("dit.patchify.", "embed."),
+                ("dit.dit.action_encoder.action_embedding.", "action_embed."), ("dit.unpatchify.linear.", "final.out."),
                 ("dit.unpatchify.adaLN_modulation.", "final.adaLN_modulation.")]
 
 
@@ -294,9 +310,10 @@ def _noise(fn, shape, generator, like):
     return fn(shape, generator=generator, device=device, dtype=like.dtype).to(like.device)
 
 
-def loss(model, x, denoised, frame, level, row, col, action, cfg_drop=0.1, generator=None, keep_actions=None):
+def loss(model, x, denoised, frame, level, row, col, action, cfg_drop=0.1, generator=None, keep_actions=None,
+         packing=None):
     """v-prediction MSE over the tokens to denoise (§3.2, App. A.2). x (B, T, C) clean latents; denoised
-    (B, T) or (T,) bool: True for DENOISED tokens, False for CONTEXT.
+    (B, T) or (T,) bool: True for DENOISED tokens, False for CONTEXT; packing: VideoDiT.pack's.
 
     One t ~ U(0, 1) per sample for its DENOISED tokens; CONTEXT at t = 0. CFG dropout: with probability
     cfg_drop a sample's context goes to t = 1 (pure noise) and its actions are dropped (-1). The paper's
@@ -305,14 +322,15 @@ def loss(model, x, denoised, frame, level, row, col, action, cfg_drop=0.1, gener
     keep_actions = cfg.dense if keep_actions is None else keep_actions
     B, T, _ = x.shape
     denoised, action = denoised.expand(B, T), action.expand(B, T)
-    if cfg.dense and (denoised & (level > 0)).any():
-        raise ValueError("loss: the dense FramePack model only predicts group k = 0 tokens; DENOISED tokens "
-                         "must have level 0 (rollout.step_layout(dense=True) lays them out so)")
+    if cfg.dense:  # checked on the device, no host sync
+        torch._assert_async(~(denoised & (level > 0)).any(), "loss: the dense FramePack model only predicts group "
+                            "k = 0 tokens; DENOISED tokens must have level 0 (rollout.step_layout(dense=True))")
     t_sample = _noise(torch.rand, (B, 1), generator, x)  # one t per sample
     drop = _noise(torch.rand, (B, 1), generator, x) < cfg_drop  # CFG dropout per sample
     # CONTEXT at t = 0 (logSNR 15, sigma 5.5e-4: clean for all purposes, and the sampler does the same),
     # or at t = 1 (pure noise) when the sample's context is dropped
-    t = torch.where(denoised, t_sample, drop.to(x.dtype))
+    t_pair = torch.cat([drop.to(x.dtype), t_sample], 1)  # (B, 2): CONTEXT's t, DENOISED's t
+    t = token_times(t_pair, denoised)  # (B, T)
     if not keep_actions:
         action = torch.where(drop, -1, action)
     eps = _noise(torch.randn, x.shape, generator, x)
@@ -321,7 +339,7 @@ def loss(model, x, denoised, frame, level, row, col, action, cfg_drop=0.1, gener
     x_t = alpha * x + sigma * eps
     # v-target: v = α·ε − σ·x (§3.2)
     v = alpha * eps - sigma * x
-    v_hat = model(x_t, t, frame, level, row, col, action)
+    v_hat = model(x_t, t_pair, denoised, frame, level, row, col, action, packing=packing)
     # plain MSE over DENOISED tokens only (no SNR weighting); CONTEXT outputs carry no loss
     per_token = (v_hat.float() - v.float()).pow(2).mean(-1)  # (B, T)
     return (per_token * denoised).sum() / denoised.sum().clamp(min=1)
@@ -329,36 +347,36 @@ def loss(model, x, denoised, frame, level, row, col, action, cfg_drop=0.1, gener
 
 @torch.no_grad()
 def ddim_sample(model, x, denoised, frame, level, row, col, action, steps=50, cfg_scale=1.0, generator=None,
-                keep_actions=None):
+                keep_actions=None, packing=None, eps=None):
     """Deterministic DDIM for one rollout step (App. A.2): returns x with its DENOISED tokens generated.
 
-    x (B, T, C): CONTEXT tokens clean, DENOISED tokens (denoised (B, T) or (T,) True) anything (ignored). Times run over
-    linspace(1, 0, steps + 1) on the training schedule; CONTEXT stays at t = 0. With cfg_scale != 1 an
-    unconditional pass (context at t = 1, actions dropped unless keep_actions) guides: v = v_u + s (v_c - v_u)."""
+    x (B, T, C): CONTEXT tokens clean, DENOISED tokens (denoised (B, T) or (T,) True) anything (ignored). Times
+    run over linspace(1, 0, steps + 1) on the training schedule; CONTEXT stays at t = 0. With cfg_scale != 1 an
+    unconditional pass (context at t = 1, actions dropped unless keep_actions) guides: v = v_u + s (v_c - v_u).
+    eps: the step's noise (B, T, C), else drawn from `generator` (drawn outside, the loop has no graph break).
+    No host sync: the times live on the device."""
     cfg = _config_of(model)
     keep_actions = cfg.dense if keep_actions is None else keep_actions
     B, T, _ = x.shape
     denoised = denoised.expand(B, T)
     uncond_action = action if keep_actions else torch.full_like(action.expand(B, T), -1)
-    eps_hat = _noise(torch.randn, x.shape, generator, x)  # one ε per token, fixed for CONTEXT
+    eps_hat = _noise(torch.randn, x.shape, generator, x) if eps is None else eps  # one ε per token, fixed for CONTEXT
     # DENOISED start from x̂ = 0, so the first x_t is pure noise whatever the buffer holds there
     x_hat = torch.where(denoised[..., None], 0.0, x)
+    ones = torch.ones(B, 1, dtype=x.dtype, device=x.device)
 
-    def schedule(t):  # per-token alpha, sigma as (B, T, 1)
-        return (a[..., None] for a in alpha_sigma(t, cfg.shift, cfg.logsnr_bound))
-
-    def unconditional(s, x_hat, eps_hat):  # the CFG pass: context at t = 1, actions dropped, as in training
-        t_u = torch.where(denoised, s, 1.0)
-        alpha, sigma = schedule(t_u)
-        return model(alpha * x_hat + sigma * eps_hat, t_u, frame, level, row, col, uncond_action).to(x.dtype)
+    def evaluate(s, t_context, action, x_hat, eps_hat):  # v̂ at time s on DENOISED, t_context on CONTEXT
+        t_pair = torch.cat([t_context * ones, s * ones], 1)  # (B, 2)
+        alpha, sigma = (a[..., None] for a in alpha_sigma(token_times(t_pair, denoised), cfg.shift,
+                                                          cfg.logsnr_bound))  # (B, T, 1) each
+        x_t = alpha * x_hat + sigma * eps_hat
+        v_hat = model(x_t, t_pair, denoised, frame, level, row, col, action, packing=packing)
+        return v_hat.to(x.dtype), x_t, alpha, sigma
 
     for s in torch.linspace(1, 0, steps + 1, dtype=x.dtype, device=x.device)[:-1]:
-        t = torch.where(denoised, s, 0.0)  # (B, T): t on DENOISED, 0 on CONTEXT
-        alpha, sigma = schedule(t)  # (B, T, 1) each
-        x_t = alpha * x_hat + sigma * eps_hat
-        v_hat = model(x_t, t, frame, level, row, col, action).to(x.dtype)
-        if cfg_scale != 1.0:  # classifier-free guidance: v = v_u + s (v_c - v_u)
-            v_u = unconditional(s, x_hat, eps_hat)
+        v_hat, x_t, alpha, sigma = evaluate(s, 0.0, action, x_hat, eps_hat)
+        if cfg_scale != 1.0:  # classifier-free guidance: v = v_u + s (v_c - v_u); the unconditional pass as in
+            v_u = evaluate(s, 1.0, uncond_action, x_hat, eps_hat)[0]  # training: context at t = 1, no actions
             v_hat = v_u + cfg_scale * (v_hat - v_u)
         # DDIM: x̂ = α·x_t − σ·v̂, ε̂ = σ·x_t + α·v̂; the next step rebuilds x_t' = α'·x̂ + σ'·ε̂
         x_hat = torch.where(denoised[..., None], alpha * x_t - sigma * v_hat, x_hat)  # only DENOISED move
@@ -372,11 +390,14 @@ def ddim_sample(model, x, denoised, frame, level, row, col, action, steps=50, cf
 
 def train_flops(cfg, batch, tokens):
     """Model FLOPs of one training step, backward = 2 x forward. Per token and block: 2 (4 + 2 mlp) D^2
-    for qkv, proj and MLP, 4 T D for attention; plus the C <-> D Linears. The adaLN Linears run on the few
-    distinct conditionings and are left out."""
+    for qkv, proj and MLP, 4 T D for attention; plus the C <-> D Linears. Per row of the conditioning table
+    (batch x 2 roles x levels x (actions + 1)): the adaLN Linears, 2 D (6 D) per block and 2 D (2 D) final;
+    per (sample, role): the timestep MLP."""
     D = cfg.width
     per_token = cfg.depth * (2 * (4 + 2 * cfg.mlp_ratio) * D * D + 4 * tokens * D) + 4 * cfg.channels * D
-    return 3 * per_token * batch * tokens
+    rows = batch * 2 * cfg.levels * (cfg.num_actions + 1)
+    table = rows * (cfg.depth * 12 * D * D + 4 * D * D) + batch * 2 * 2 * (256 * D + D * D)
+    return 3 * (per_token * batch * tokens + table)
 
 
 def timed(step, iters):

@@ -564,6 +564,13 @@ def step_tokens(step, grids, num_frames, dense=False):
     return {k: torch.from_numpy(v) for k, v in out.items()}
 
 
+def dense_packing(step, grids):
+    """((h, w), frames per packing group k) of a dense FramePack step: VideoDiT.pack's shapes, known on the host."""
+    h, w = grids[0]
+    level = step_layout(step.selection, grids, dense=True)["level"]  # level-major: group k's frames in a row
+    return (h, w), tuple(int(n) // (h * w) for n in np.bincount(level, minlength=len(step.selection)))
+
+
 def generate(model, steps, latents, actions, start, end, grids, *, dense=False, num_clipped=0,
              sampling_steps=50, cfg_scale=1.0, generator=None):
     """Roll a batch of videos out from ground-truth context, all in lockstep (§3.2, App. A.2). latents: per
@@ -582,15 +589,15 @@ def generate(model, steps, latents, actions, start, end, grids, *, dense=False, 
         actions = torch.cat([actions[:, :frames], actions[:, -1:].expand(B, max(0, frames - actions.shape[1]))], 1)
         # per step, once, on the host: its tokens, where they live, which positions it generates ("new")
         plans = [step_tokens(step, grids, frames, dense) for step in steps]
-        plans = [{k: v.to(device) for k, v in p.items()} | {"new": p["denoised"].nonzero()[:, 0].to(device)}
-                 for p in plans]
+        plans = [{k: v.to(device) for k, v in p.items()} | {"new": p["denoised"].nonzero()[:, 0].to(device),
+                 "packing": dense_packing(step, grids) if dense else None} for p, step in zip(plans, steps)]
         for s in starts:
             for p in plans:
                 where = p["index"] + s * p["per_frame"]  # (T,) this step's tokens in the buffer
                 frame = p["frame"] + s                   # global frame index; the model makes frames relative
                 x = diffusion.ddim_sample(model, buffer[:, where], p["denoised"], frame, p["level"], p["row"], p["col"],
                                           actions[:, frame], steps=sampling_steps, cfg_scale=cfg_scale,
-                                          generator=generator)
+                                          generator=generator, packing=p["packing"])
                 buffer[:, where[p["new"]]] = x[:, p["new"]].to(buffer.dtype)  # write back by (frame, level, row, col)
         sizes = [frames * h * w for h, w in grids[:num_levels]]
         return [z.unflatten(1, (frames, -1)) for z in buffer.split(sizes, 1)]  # per level (B, F', T_l, C)

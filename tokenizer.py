@@ -127,7 +127,7 @@ def mean_pool_tokens(z, h, w):
 
 
 def sincos_embed(pos, dim):
-    """1D sin/cos embedding pos (...) → (..., dim): [sin(pos·ω_i), cos(pos·ω_i)], ω_i = 10000^(-i/(dim/2-1)), i < dim/2.
+    """1D sin/cos embedding pos (...) → (..., dim): [sin(pos·ω_i), cos(pos·ω_i)], ω_i = 10000^(-i/(dim/2-1)).
     The -1 (frequencies from 1 down to exactly 1/10000) is the authors' table: their released weights need it."""
     n = dim // 2
     omega = 10000.0 ** -(torch.arange(n, dtype=torch.float32, device=pos.device) / max(n - 1, 1))
@@ -207,15 +207,16 @@ def per_token(rows, index=None):
 
 
 class AdaLNBlock(Block):
-    """DiT block with adaLN-Zero: both sub-layers' shift, scale and gate come from a condition c, one per sample (B, D)
-    (the decoder's level) or per token: U distinct rows (U, D) picked by index (B, T), so the Linear runs U times."""
+    """DiT block with adaLN-Zero: shift, scale and gate from a condition c, per sample (B, D) (the decoder's level)
+    or per token: U rows (U, D) picked by index (B, T), so the Linear runs U times, not B·T."""
     def __init__(self, width, heads, mlp_ratio):
         super().__init__(width, heads, mlp_ratio)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))
 
     def forward(self, x, c, index=None):                     # x (B, T, D), c (B or U, D)
-        m = [per_token(rows, index) for rows in self.adaLN_modulation(c).chunk(6, dim=-1)]
-        shift1, scale1, gate1, shift2, scale2, gate2 = m     # 6 × (B, 1 or T, D)
+        with torch.autocast(x.device.type, enabled=False):   # fp32 rows even under bf16 autocast: a row is shared
+            rows = self.adaLN_modulation(c.float()).chunk(6, dim=-1)  # by many tokens, whose gradients it sums
+        shift1, scale1, gate1, shift2, scale2, gate2 = [per_token(r, index) for r in rows]  # 6 × (B, 1 or T, D)
         # x + gate · attn(adaLN(x)), then x + gate · mlp(adaLN(x)); zero gates at init: an identity block
         x = x + gate1 * self.attn(modulate(self.norm1(x), shift1, scale1))
         return x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))

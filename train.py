@@ -335,6 +335,7 @@ def train_loop(stage, cfg, run, preset, roll, rank, world, device, signals):
         model = diffusion.VideoDiT(cfg)
         probs = torch.tensor(rollout.step_probabilities(steps), dtype=torch.float64)
         gathers = [rollout.step_tokens(s, grids, chunk, roll.dense) for s in steps]  # the tokens of each step
+        packing = rollout.dense_packing(steps[0], grids) if roll.dense else None  # (its one step's)
         if len({len(g["index"]) for g in gathers}) > 1:
             raise SystemExit(f"--strategy={roll.strategy}: its steps differ in token count, so they cannot "
                              "be stacked into one batch; choose budgets that make them equal (rollout.py)")
@@ -402,7 +403,7 @@ def train_loop(stage, cfg, run, preset, roll, rank, world, device, signals):
                 loss, stats = wrapped(batch.to(device, non_blocking=True))
             else:
                 inputs = rollout.training_batch(batch, gathers, probs, device)
-                loss = diffusion.loss(wrapped, **inputs, cfg_drop=cfg.cfg_dropout)
+                loss = diffusion.loss(wrapped, **inputs, cfg_drop=cfg.cfg_dropout, packing=packing)
                 stats = {}
         for opt in optimizers:
             opt.zero_grad(set_to_none=True)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import rollout
-from diffusion import DiTConfig, alpha_sigma
+from diffusion import DiTConfig, alpha_sigma, token_times
 
 
 class Oracle(torch.nn.Module):
@@ -18,8 +18,9 @@ class Oracle(torch.nn.Module):
         self.cfg = DiTConfig(dense=dense)  # ddim_sample reads keep_actions from it
         self.calls = 0
 
-    def forward(self, x_t, t, frame, level, row, col, action):
+    def forward(self, x_t, t, denoised, frame, level, row, col, action, packing=None):
         self.calls += 1
+        t = token_times(t, denoised.expand(x_t.shape[:2]))  # (B, T)
         B, T, C = x_t.shape
         source = torch.zeros_like(level) if self.dense else level
         x = torch.empty_like(x_t)
@@ -93,7 +94,7 @@ def test_generation_never_reads_the_ground_truth_future():
     truth = [torch.randn(1, 96, h * w, 2) for h, w in grids]
     actions = torch.randint(0, 3, (1, 96))
 
-    def model(x_t, t, frame, level, row, col, action):  # a deterministic non-oracle "network"
+    def model(x_t, t, denoised, frame, level, row, col, action, packing=None):  # a deterministic non-oracle net
         return torch.tanh(x_t * 1.7 + frame[..., None] * 0.01 + level[..., None] + action[..., None] * 0.1)
 
     runs = []
