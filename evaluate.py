@@ -56,6 +56,7 @@ class EvalConfig:
     train_seeds: tuple = (0,)           # each model trained with these seeds (seed k > 0: video-<name>-seed<k>)
     sampling_seeds: tuple = (0,)        # each rollout sampled with these noise seeds
     root: str = "runs/paper"            # the pipeline folder train.py wrote (data/, latents/, video-*/)
+    official: str = ""                  # a folder of the authors' released files: evaluate those instead (README)
     out: str = ""                       # "" = {root}/eval
 
     def __post_init__(self):
@@ -423,9 +424,9 @@ def results_markdown(summary):
     if any(probe.values()):  # the memory probe over all generated frames: mean ± standard error over videos
         text += ["## Memory probe", "", "Each generated wall pixel is scored by what the compared strategies can know "
                  "of its wall face from the ground-truth context (rollout.knowledge). Colour: agreement of base-colour "
-                 "classes (chance ≈ 1/8). The *swap* rows: per video, the context frames that show no face of a *seen "
-                 "by all* pixel come from another video; *MilliVid only* counts only content that this swap takes "
-                 "away.", ""] + table([PROBE[m][0] for m in PROBE], [(r["name"], [
+                 "classes (chance ≈ 1/8). The *swap* rows: per video, the context frames that show no face of a "
+                 "*seen by all* pixel come from another video; *MilliVid only* counts only content that this swap "
+                 "takes away.", ""] + table([PROBE[m][0] for m in PROBE], [(r["name"], [
                      cell(m, *r["probe"][m]) if np.isfinite(r["probe"][m][0]) else "— (no pixel)" for m in PROBE])
                      for r in summary["rows"]]) + ["", probe_verdict(probe, summary["config"].get("gate", 0.75)), ""]
     text += ["## Not measured", ""] + (
@@ -637,30 +638,106 @@ def evaluate_videos(cfg, keys, load, decode, models, palette=None, lpips_net=Non
     return Results(rows, c, buckets, samples, why, dataclasses.asdict(cfg), cfg.fps)
 
 
-def evaluate(cfg):
-    """The whole protocol on a pipeline folder (what `train.py --stage all` writes): the test split
-    ({root}/data/test, {root}/latents/test), the autoencoder ({root}/ae) and every model in cfg.models
-    ({root}/video-<name>) rebuilt from their checkpoints alone. Returns the path of results.md."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+def pipeline(cfg, preset, device, decode_with):
+    """Our pipeline folder (what `train.py --stage all` writes): the test split ({root}/data/test,
+    {root}/latents/test), the autoencoder ({root}/ae) and every model in cfg.models ({root}/video-<name>)
+    rebuilt from their checkpoints alone. -> the Source of evaluate()."""
     frames_dir, latents_dir = f"{cfg.root}/data/test", f"{cfg.root}/latents/test"
     ae = tokenizer.HierarchicalAutoencoder.from_checkpoint(f"{cfg.root}/ae", device)
-    grids, T0 = [list(g) for g in ae.grids], ae.grids[0][0] * ae.grids[0][1]
     made_by = tokenizer.sha256(ae.source)  # the test latents: complete, made by the autoencoder that decodes here
     meta = f"{latents_dir}/meta.json"
     if not os.path.exists(f"{latents_dir}/index.json") or json.load(open(meta)).get("ae_sha256") != made_by:
         raise SystemExit(f"{latents_dir}: test latents missing, incomplete or encoded by another autoencoder than "
                          f"{ae.source}, which decodes here; (re-)encode them: python train.py --stage encode")
 
-    def decode(z, level):  # one level on its own, every other level zeroed (§3.1); level-0 image out
-        with autocast:
-            return ae.decode([z if l == level else None for l in range(len(grids))], level)[0].float()
-
     def load(key):  # a test video from the data.py stores: frames, every level's latents, actions, map data
         poses = data.read_actions(frames_dir, key)[:cfg.total]  # (F, 6): action id, x, y, z, yaw, pitch
         return Video(data.read_frames(frames_dir, key, 0, cfg.total),
-                     [tokenizer.read_latents(latents_dir, key, l, 0, cfg.total) for l in range(len(grids))],
+                     [tokenizer.read_latents(latents_dir, key, l, 0, cfg.total) for l in range(len(ae.grids))],
                      poses[:, 0].astype(np.int64), poses, data.load_world(frames_dir, key))
+
+    nets = []
+    for strategy, seed in ((s, k) for k in cfg.train_seeds for s in cfg.models):
+        name = strategy if len(cfg.train_seeds) == 1 else f"{strategy} seed {seed}"
+        net = diffusion.VideoDiT.from_checkpoint(video_folder(cfg.root, strategy, seed), device)
+        record = tokenizer.read_checkpoint(net.source, "video")  # its config, step, training time (memory-mapped)
+        if record["config"].get("latents_ae_sha256") != made_by:  # latents of another autoencoder: unreadable here
+            raise SystemExit(f"{net.source}: trained on latents of another autoencoder than {ae.source}; retrain it: "
+                             f"python train.py --stage video --strategy={strategy} --seed={seed}")
+        s, on = round(record.get("seconds", 0)), record.get("device", "?")  # training wall time as h:mm:ss
+        nets.append((name, strategy, net, rollout.RolloutConfig(**record["config"]["rollout"]),
+                     f"{record['step']} steps in {s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d} on {on}"))
+    meta = json.load(open(f"{frames_dir}/meta.json"))
+    palette = data.PALETTE if meta.get("source") == "maze" else None
+
+    def visibility(v):  # the memory probe: the maze's ray caster says which wall face each column shows
+        frames, face, wall = data.render(v.world, v.poses, meta["size"], meta["config"]["fov"], faces=True)
+        if not np.array_equal(frames, v.frames):  # the bookkeeping must describe these very frames
+            raise ValueError(f"{frames_dir}: its frames are not what data.py renders now; regenerate the store")
+        return face, wall, [set(row.tolist()) for row in face]
+    return dict(ae=ae, keys=sorted(data.load_index(frames_dir))[:cfg.num_videos], load=load, nets=nets,
+                palette=palette, visibility=visibility if palette is not None else None, notes={},
+                partner=lambda key: tokenizer.read_latents(latents_dir, key, 0, cfg.context, cfg.total))
+
+
+# the authors' release, as the README says to lay it out (Hugging Face charatan/millivid and datasets/charatan/
+# loopcraft; never downloaded here); frames/: optional, `python data.py prepare` of the Loopcraft test videos
+OFFICIAL = {"ae": "autoencoder_3zg3ovzdhnun_128000.ckpt", "millivid": "millivid_192k.ckpt",
+            "framepack": "framepack_192k.ckpt", "fullres": "full_resolution_rollout_192k.ckpt",
+            "latents": "test_latents_3zg3ovzdhnun_128000"}
+
+
+def official(cfg, preset, device, decode_with):
+    """The authors' released models in cfg.official, run by our code: their autoencoder, video checkpoints and
+    test latents (.pyramid), with the architectures and rollouts of `preset` (theirs: paper); the ground truth
+    is frames/ when present, else the decoded ground-truth latents stand in for it (the report says so)."""
+    root, bad = cfg.official, [m for m in cfg.models if m not in ("millivid", "framepack", "fullres")]
+    if bad:
+        raise ValueError(f"--models: the authors released millivid, framepack and fullres; {bad[0]} is ours only")
+    for part in ["ae", "latents", *cfg.models]:
+        if not os.path.exists(f"{root}/{OFFICIAL[part]}"):
+            raise FileNotFoundError(f"{root}/{OFFICIAL[part]}: missing; download the authors' release as the README "
+                                    "says (The authors' models): it is never downloaded here")
+    ae = tokenizer.from_official(f"{root}/{OFFICIAL['ae']}", tokenizer.ae_config(preset)).to(device)
+    latents, decode = f"{root}/{OFFICIAL['latents']}", decode_with(ae)
+    index = [f"{latents}/{f}" for f in ("index.json", "index_unfiltered.json") if os.path.exists(f"{latents}/{f}")]
+    index = json.load(open(index[0])) if index else {}  # {key: frames}
+    keys = sorted(k for k, n in index.items() if n >= cfg.total and os.path.exists(f"{latents}/{k}.pyramid"))
+    if len(keys) < 2:
+        raise ValueError(f"{latents}: {len(keys)} test videos of >= {cfg.total} frames listed in its index.json with "
+                         "their .pyramid file; the protocol needs at least 2")
+    frames = f"{root}/frames" if os.path.exists(f"{root}/frames/index.json") else None
+
+    def load(key):  # (F, 6) float32 MineRL poses [action, x, y, z, yaw, pitch] ride along with the latents
+        z, poses = tokenizer.read_pyramid(f"{latents}/{key}.pyramid", ae.grids, ae.cfg.channels)
+        z, poses = [l[:cfg.total] for l in z], poses[:cfg.total]
+        truth = data.read_frames(frames, key, 0, cfg.total) if frames else decode_frames(decode, z[0], 0, device)
+        return Video(truth, z, poses[:, 0].astype(np.int64), poses)
+    nets = [(m, m, diffusion.from_official(f"{root}/{OFFICIAL[m]}", diffusion.dit_config(
+        preset, dense=m == "framepack")).to(device), rollout.rollout_config(preset, strategy=m),
+        "the authors' release (192k steps on 8 x H200)") for m in cfg.models]
+    notes = {} if frames else {"truth": f"ground truth: {root}/frames/ (a data.py store of the Loopcraft test videos) "
+                               "is absent, so the decoded ground-truth latents stand in for the frames"}
+    return dict(ae=ae, keys=keys[:cfg.num_videos], load=load, nets=nets, palette=None, visibility=None, notes=notes,
+                partner=lambda key: tokenizer.read_pyramid(f"{latents}/{key}.pyramid", ae.grids, ae.cfg.channels)
+                [0][0][cfg.context:cfg.total])
+
+
+def evaluate(cfg, preset="paper"):
+    """The whole protocol on our pipeline folder, or on the authors' release (cfg.official, with `preset`'s
+    architectures). Returns the path of results.md."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+    def decode_with(ae):  # one level on its own, every other level zeroed (§3.1); level-0 image out
+        def decode(z, level):
+            with autocast:
+                return ae.decode([z if l == level else None for l in range(len(ae.grids))], level)[0].float()
+        return decode
+
+    source = (official if cfg.official else pipeline)(cfg, preset, device, decode_with)
+    grids = [list(g) for g in source["ae"].grids]
+    T0 = grids[0][0] * grids[0][1]
 
     def rollout_of(net, steps, clipped):  # Model.generate: rollout.py's loop, the same noise for every model
         def generate(latents, actions, seed):
@@ -671,35 +748,18 @@ def evaluate(cfg):
         return generate
 
     models = []
-    for strategy, seed in ((s, k) for k in cfg.train_seeds for s in cfg.models):
-        name = strategy if len(cfg.train_seeds) == 1 else f"{strategy} seed {seed}"
-        net = diffusion.VideoDiT.from_checkpoint(video_folder(cfg.root, strategy, seed), device)
-        record = tokenizer.read_checkpoint(net.source, "video")  # its config, step, training time (memory-mapped)
-        if record["config"].get("latents_ae_sha256") != made_by:  # latents of another autoencoder: unreadable here
-            raise SystemExit(f"{net.source}: trained on latents of another autoencoder than {ae.source}; retrain it: "
-                             f"python train.py --stage video --strategy={strategy} --seed={seed}")
-        steps, clipped = rollout.strategy_steps(rollout.RolloutConfig(**record["config"]["rollout"]), T0)
+    for name, strategy, net, roll, trained in source["nets"]:
+        steps, clipped = rollout.strategy_steps(roll, T0)
         cost = rollout.figures(steps, T0, cfg.context, cfg.total, clipped, net.cfg.dense, cfg.sampling_steps)
-        s, on = round(record.get("seconds", 0)), record.get("device", "?")  # training wall time as h:mm:ss
-        trained = f"{record['step']} steps in {s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d} on {on}"
         models.append(Model(name, rollout_of(net, steps, clipped), cost["rollout_steps"],  # CFG: twice the evaluations
                             cost["nfe"] * (1 if cfg.cfg_scale == 1 else 2), trained, strategy, (steps, clipped)))
     lpips_net, why = tokenizer.lpips_net("alex") if cfg.lpips else (None, "LPIPS: switched off (--lpips=false)")
-    meta = json.load(open(f"{frames_dir}/meta.json"))
-    palette = data.PALETTE if meta.get("source") == "maze" else None
-    keys = sorted(data.load_index(frames_dir))[:cfg.num_videos]
-
-    def visibility(v):  # the memory probe: the maze's ray caster says which wall face each column shows
-        frames, face, wall = data.render(v.world, v.poses, meta["size"], meta["config"]["fov"], faces=True)
-        if not np.array_equal(frames, v.frames):  # the bookkeeping must describe these very frames
-            raise ValueError(f"{frames_dir}: its frames are not what data.py renders now; regenerate the store")
-        return face, wall, [set(row.tolist()) for row in face]
-    results = evaluate_videos(cfg, keys, load, decode, models, palette, lpips_net, data.draw_map,
-                              {"lpips": why} if why else None, device,
-                              lambda key: tokenizer.read_latents(latents_dir, key, 0, cfg.context, cfg.total),
-                              visibility if palette is not None else None)
+    notes = source["notes"] | ({"lpips": why} if why else {})
+    results = evaluate_videos(cfg, source["keys"], source["load"], decode_with(source["ae"]), models,
+                              source["palette"], lpips_net, data.draw_map, notes, device, source["partner"],
+                              source["visibility"])
     results.config["git_commit"] = tokenizer.git_commit()
-    return report(cfg.out or f"{cfg.root}/eval", results)
+    return report(cfg.out or (f"{cfg.official}/eval" if cfg.official else f"{cfg.root}/eval"), results)
 
 
 if __name__ == "__main__":  # python evaluate.py --preset toy [--root=runs/toy] [--key=value ...]
@@ -710,6 +770,6 @@ if __name__ == "__main__":  # python evaluate.py --preset toy [--root=runs/toy] 
         raise SystemExit(print(f"{__doc__}\nsettings (--key=value) with their --preset {preset} values:\n"
                                + describe(eval_config(preset))))
     try:
-        print(evaluate(eval_config(preset, **{"root": f"runs/{preset}", **overrides})))
+        print(evaluate(eval_config(preset, **{"root": f"runs/{preset}", **overrides}), preset))
     except (ValueError, OSError) as e:  # a bad setting, a missing checkpoint or store: one line
         raise SystemExit(f"error: {e}") from None

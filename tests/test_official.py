@@ -1,6 +1,8 @@
 """Importing the authors' released checkpoints and latent files (tokenizer.from_official, diffusion.from_official,
 tokenizer.read_pyramid). The official names and shapes below are written out from the authors' modules (their
 DiTWrapper / DiTAdaptive / Encoder / Decoder), not derived from our mapping, so a wrong rule fails here."""
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -45,9 +47,10 @@ def official_ae(depth, D, heads, C, levels, p):
                      "lpips.net.slice1.0.weight": (64, 3, 3, 3), "lpips.lin0.model.1.weight": (1, 64, 1, 1)}
 
 
-def random_state(shapes, device="cpu"):
+def random_state(shapes, device="cpu", scale=1.0):
     g = torch.Generator().manual_seed(0)
-    return {k: torch.randn(s, generator=g) if device == "cpu" else torch.empty(s, device=device) for k, s in shapes.items()}
+    return {k: scale * torch.randn(s, generator=g) if device == "cpu" else torch.empty(s, device=device)
+            for k, s in shapes.items()}
 
 
 @pytest.mark.parametrize("dense,params", [(False, 129.6e6), (True, 131.6e6)])
@@ -143,3 +146,32 @@ def test_pyramid_round_trip_and_truncation(tmp_path):
     (tmp_path / "cut.pyramid").write_bytes(data[:-10])
     with pytest.raises(ValueError, match="cut.pyramid.*truncated"):
         tokenizer.read_pyramid(tmp_path / "cut.pyramid", grids, C)
+
+
+def test_evaluate_the_authors_release(tmp_path):
+    """`python evaluate.py --preset tiny --official DIR` on a release laid out as the authors' (their file names,
+    key names, .pyramid latents with MineRL poses), of tiny random models: the report is written for their three
+    models; without frames/ it says the decoded ground-truth latents stand in; a missing file is named."""
+    import evaluate
+    ae, dit = tokenizer.ae_config("tiny"), diffusion.dit_config("tiny")
+    state = official_ae(ae.depth, ae.width, ae.heads, ae.channels, ae.levels, ae.patch_size)
+    torch.save({"model": random_state(state, scale=0.05)}, tmp_path / evaluate.OFFICIAL["ae"])
+    for m in ("millivid", "framepack", "fullres"):
+        state = official_video(dit.depth, dit.width, dit.heads, dit.channels, dit.levels, m == "framepack")
+        torch.save({"model": random_state(state, scale=0.05)}, tmp_path / evaluate.OFFICIAL[m])
+    latents, g, index = tmp_path / evaluate.OFFICIAL["latents"] / "008", torch.Generator().manual_seed(0), {}
+    latents.mkdir(parents=True)
+    for i, frames in enumerate((96, 100, 96, 50)):  # the last is too short for the protocol: left out
+        poses = torch.zeros(frames, 6)
+        poses[:, 0] = torch.randint(0, 3, (frames,), generator=g).float()
+        write_pyramid_like_the_authors(latents / f"{i:03d}.pyramid", [
+            torch.rand(frames, ae.channels, h, w, generator=g).bfloat16() for h, w in [(4, 4), (2, 2), (1, 1)]], poses)
+        index[f"008/{i:03d}"] = frames
+    (latents.parent / "index_unfiltered.json").write_text(json.dumps(index))
+    cfg = evaluate.eval_config("tiny", official=str(tmp_path), num_samples=1, sampling_steps=2, lpips=False)
+    report = open(evaluate.evaluate(cfg, "tiny")).read()
+    assert all(f"| {m} |" in report for m in ("millivid", "framepack", "fullres"))
+    assert "decoded ground-truth latents stand in" in report and "3 test videos" in report
+    (tmp_path / evaluate.OFFICIAL["fullres"]).unlink()
+    with pytest.raises(FileNotFoundError, match="full_resolution_rollout_192k.ckpt: missing; download"):
+        evaluate.evaluate(cfg, "tiny")
