@@ -278,3 +278,63 @@ def test_training_log_lines_show_position_rate_and_eta(tmp_path, capsys):
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step")]
     assert len(lines) == 2 and "steps 2/4 (50%)" in lines[0] and "steps 4/4 (100%)" in lines[1]
     assert all(re.search(r"/s, eta \d\d:\d\d:\d\d$", line) for line in lines)
+
+
+def test_two_nodes_by_c10d_rendezvous_keep_ranks_identical(frames, tmp_path):
+    """The README's multi-node launch, as 2 nodes x 1 process on localhost (gloo): two torchrun agents meet
+    at one c10d endpoint, get node ranks 0 and 1, train the ae stage from its command line for 3 steps, and
+    end with the same parameters on both ranks (which moved)."""
+    import signal
+    import socket
+    import time
+    with socket.socket() as s:  # a free port for the rendezvous store
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    script = tmp_path / "node.py"  # train.main's path to the model (run_stage), then each rank saves its own
+    script.write_text(f"""
+import os, sys, torch, torch.distributed as dist
+sys.path.insert(0, {ROOT!r})
+import train
+stage, preset, overrides = train.parse_command(["--stage", "ae", "--preset", "tiny", "--steps=3", "--batch_size=2",
+    "--warmup=1", "--holdout=0.25", "--data={frames}", "--out={tmp_path / 'run'}"])
+model = train.run_stage(stage, preset, overrides, {str(tmp_path)!r})
+where = {{k: int(os.environ[k]) for k in ("RANK", "GROUP_RANK", "LOCAL_RANK", "WORLD_SIZE")}}
+torch.save({{"model": model.state_dict(), "world": dist.get_world_size(), **where}},
+           {str(tmp_path)!r} + f"/rank{{where['RANK']}}.pt")
+dist.destroy_process_group()
+""")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+              "--rdzv_backend=c10d", f"--rdzv_endpoint=localhost:{port}", f"--rdzv_id=test-{os.getpid()}",
+              "--local_addr=127.0.0.1", str(script)]  # local_addr: the workers' master is localhost too
+    logs = [open(tmp_path / f"node{n}.log", "w") for n in (0, 1)]
+    nodes = [subprocess.Popen(launch, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+             for log in logs]
+    try:  # wait for both, but stop at the first failure: the other node would wait on it for minutes
+        deadline = time.time() + 300
+        while time.time() < deadline and any(n.poll() is None for n in nodes) and not any(n.poll() for n in nodes):
+            time.sleep(0.2)
+    finally:  # whatever happened, no agent or worker of ours outlives the test: SIGTERM makes an agent stop its
+        for node in nodes:  # workers (their own sessions) within a second; SIGKILL if it does not exit
+            if node.poll() is None:
+                os.killpg(node.pid, signal.SIGTERM)
+                try:
+                    node.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    os.killpg(node.pid, signal.SIGKILL)
+                    node.wait()
+        for log in logs:
+            log.close()
+    text = "".join((tmp_path / f"node{n}.log").read_text() for n in (0, 1))
+    assert [n.returncode for n in nodes] == [0, 0], text[-6000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    # two nodes of one process each, one world of two
+    assert sorted(r["GROUP_RANK"] for r in ranks) == [0, 1] and [r["LOCAL_RANK"] for r in ranks] == [0, 0]
+    assert [(r["RANK"], r["WORLD_SIZE"], r["world"]) for r in ranks] == [(0, 2, 2), (1, 2, 2)]
+    assert json.load(open(tmp_path / "run" / "config.json"))["world_size"] == 2  # what the run recorded
+    assert "world 2" in text and os.path.exists(tmp_path / "run" / "ckpt-00000003.pt")
+    rank0, rank1 = ranks[0]["model"], ranks[1]["model"]
+    assert rank0.keys() == rank1.keys() and all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+    torch.manual_seed(0)  # the initial weights train.py starts from (RunConfig.seed)
+    fresh = tokenizer.HierarchicalAutoencoder(tokenizer.ae_config("tiny", batch_size=2, steps=3, warmup=1)).state_dict()
+    assert any(not torch.equal(rank0[k], fresh[k]) for k in rank0 if "weight" in k)
