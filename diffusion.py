@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 import data
 import tokenizer
@@ -176,6 +177,7 @@ class VideoDiT(nn.Module):
         self.action_embed = nn.Embedding(cfg.num_actions, D)
         self.blocks = nn.ModuleList([AdaLNBlock(D, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth)])
         self.final = FinalLayer(D, C)
+        self.checkpointing = False  # activation checkpointing per block (train.py --checkpointing): less memory
         self.initialize_weights()
 
     @classmethod
@@ -271,8 +273,9 @@ class VideoDiT(nn.Module):
         # bf16): a bf16 stream would round away the small, near-zero-gated block updates of early training
         h = h.float() + sincos_3d(frame, row, col, self.cfg.width)
         c, index = self.conditioning(t.float(), denoised, level, action)
-        for block in self.blocks:
-            h = block(h, c, index)
+        for block in self.blocks:  # checkpointing: keep each block's input only, recompute the rest in backward
+            recompute = self.checkpointing and torch.is_grad_enabled()
+            h = checkpoint(block, h, c, index, use_reentrant=False) if recompute else block(h, c, index)
         v = self.final(h[:, :n0], c, index[:, :n0])  # (B, n0, C): only k = 0 tokens are ever denoised
         return F.pad(v, (0, 0, 0, T - n0))  # (B, T, C); zeros on packed context groups
 
@@ -310,10 +313,17 @@ def _noise(fn, shape, generator, like):
     return fn(shape, generator=generator, device=device, dtype=like.dtype).to(like.device)
 
 
+def loss_noise(x, generator=None):
+    """The randomness of one `loss` on clean latents x (B, T, C): t ~ U(0, 1) and a CFG-dropout draw per sample,
+    ε per token. Drawn for a whole batch and then sliced, N micro-batches of B/N see what one batch of B sees."""
+    return (_noise(torch.rand, (x.shape[0], 1), generator, x), _noise(torch.rand, (x.shape[0], 1), generator, x),
+            _noise(torch.randn, x.shape, generator, x))
+
+
 def loss(model, x, denoised, frame, level, row, col, action, cfg_drop=0.1, generator=None, keep_actions=None,
-         packing=None):
+         packing=None, noise=None):
     """v-prediction MSE over the tokens to denoise (§3.2, App. A.2). x (B, T, C) clean latents; denoised
-    (B, T) or (T,) bool: True for DENOISED tokens, False for CONTEXT; packing: VideoDiT.pack's.
+    (B, T) or (T,) bool: True for DENOISED tokens, False for CONTEXT; packing: VideoDiT.pack's; noise: loss_noise's.
 
     One t ~ U(0, 1) per sample for its DENOISED tokens; CONTEXT at t = 0. CFG dropout: with probability
     cfg_drop a sample's context goes to t = 1 (pure noise) and its actions are dropped (-1). The paper's
@@ -325,15 +335,14 @@ def loss(model, x, denoised, frame, level, row, col, action, cfg_drop=0.1, gener
     if cfg.dense:  # checked on the device, no host sync
         torch._assert_async(~(denoised & (level > 0)).any(), "loss: the dense FramePack model only predicts group "
                             "k = 0 tokens; DENOISED tokens must have level 0 (rollout.step_layout(dense=True))")
-    t_sample = _noise(torch.rand, (B, 1), generator, x)  # one t per sample
-    drop = _noise(torch.rand, (B, 1), generator, x) < cfg_drop  # CFG dropout per sample
+    t_sample, u, eps = noise or loss_noise(x, generator)  # one t per sample, its CFG-dropout draw, ε per token
+    drop = u < cfg_drop
     # CONTEXT at t = 0 (logSNR 15, sigma 5.5e-4: clean for all purposes, and the sampler does the same),
     # or at t = 1 (pure noise) when the sample's context is dropped
     t_pair = torch.cat([drop.to(x.dtype), t_sample], 1)  # (B, 2): CONTEXT's t, DENOISED's t
     t = token_times(t_pair, denoised)  # (B, T)
     if not keep_actions:
         action = torch.where(drop, -1, action)
-    eps = _noise(torch.randn, x.shape, generator, x)
     alpha, sigma = (a[..., None] for a in alpha_sigma(t, cfg.shift, cfg.logsnr_bound))  # (B, T, 1)
     # forward process: x_t = α·x + σ·ε
     x_t = alpha * x + sigma * eps
@@ -398,6 +407,23 @@ def train_flops(cfg, batch, tokens):
     rows = batch * 2 * cfg.levels * (cfg.num_actions + 1)
     table = rows * (cfg.depth * 12 * D * D + 4 * D * D) + batch * 2 * 2 * (256 * D + D * D)
     return 3 * (per_token * batch * tokens + table)
+
+
+# bytes kept for backward per token and width channel, in each block (the fp32 residual stream and per-token
+# modulations, bf16 Linear inputs) and outside them; measured under bf16 autocast with torch's saved-tensor hooks
+# (tests/test_diffusion.py: 81.7 at widths 96-768), for attention kernels that keep no T x T matrix
+SAVED_PER_BLOCK, SAVED_OUTSIDE = 82, 16
+
+
+def train_memory(cfg, batch, tokens, checkpointing=False):
+    """Expected peak bytes of a training step on one device: fp32 weights, gradients and optimizer state (Muon's
+    momentum, AdamW's two moments: at most 16 bytes per parameter) plus the activations kept for backward;
+    with checkpointing each block keeps its fp32 input (4 bytes) and one block at a time the rest."""
+    with torch.device("meta"):  # shapes only: no memory, no initialisation
+        params = sum(p.numel() for p in VideoDiT(cfg).parameters())
+    per_block = 4 if checkpointing else SAVED_PER_BLOCK
+    kept = cfg.depth * per_block + (SAVED_PER_BLOCK if checkpointing else 0) + SAVED_OUTSIDE
+    return 16 * params + kept * batch * tokens * cfg.width
 
 
 def timed(step, iters):

@@ -20,6 +20,7 @@ import dataclasses
 import fcntl
 import glob
 import json
+import math
 import os
 import signal
 import socket
@@ -52,11 +53,16 @@ class RunConfig:
     keep: int = 2          # newest checkpoints kept on disk
     workers: int = min(4, os.cpu_count() or 1)  # DataLoader worker processes (0 = load in the main process)
     holdout: float = 0.01  # fraction of training videos held out for the periodic reconstruction images
+    grad_accum: int = 1    # micro-batches per optimizer step (each batch_size / grad_accum): the same step, less memory
+    checkpointing: bool = False  # video: recompute each DiT block in backward (memory of one block, ~1/3 more compute)
+    compile: bool = True   # torch.compile the model on CUDA (not on CPUs: compiling there costs more than it saves)
 
     def __post_init__(self):
         for name in ("log_every", "image_every", "ckpt_every", "keep"):
             if getattr(self, name) < 1:
                 raise ValueError(f"RunConfig.{name} = {getattr(self, name)}: expected >= 1")
+        if self.grad_accum < 1:
+            raise ValueError(f"RunConfig.grad_accum = {self.grad_accum}: expected >= 1")
         if self.workers < 0 or not 0 <= self.holdout < 1:
             raise ValueError(f"RunConfig: workers = {self.workers} (expected >= 0), holdout = {self.holdout} "
                              "(expected in [0, 1))")
@@ -137,28 +143,52 @@ def seed_step(seed, rank, step):
 
 
 def make_optimizers(model, lr, weight_decay):
-    """Muon for exactly the 2-D weights of nn.Linear layers, AdamW for everything else (App. A.2).
-    `match_rms_adamw` scales Muon's orthogonalised update to AdamW's RMS so one lr serves both."""
+    """Muon for exactly the 2-D weights of nn.Linear layers, AdamW for everything else (App. A.2)."""
     muon_params = [m.weight for m in model.modules() if isinstance(m, nn.Linear)]
     muon_ids = {id(p) for p in muon_params}
     adamw_params = [p for p in model.parameters() if id(p) not in muon_ids]
-    if muon_params and muon_params[0].device.type == "cpu":  # see newton_schulz_fp32
-        torch.optim._muon._zeropower_via_newtonschulz = newton_schulz_fp32
-    muon = torch.optim.Muon(muon_params, lr=lr, weight_decay=weight_decay, adjust_lr_fn="match_rms_adamw")
-    adamw = torch.optim.AdamW(adamw_params, lr=lr, weight_decay=weight_decay)
-    return [muon, adamw]
+    return [Muon(muon_params, lr=lr, weight_decay=weight_decay), torch.optim.AdamW(adamw_params, lr=lr,
+                                                                                  weight_decay=weight_decay)]
 
 
-def newton_schulz_fp32(grad, ns_coefficients, ns_steps, eps):
-    """Muon's orthogonalisation (torch's quintic Newton-Schulz iteration) in float32, for CPUs only: torch runs it
-    in bfloat16, with which a 1.6 M-parameter DiT stepped at 0.6/s on a CPU core, 96% of it here (float32: 3.9/s)."""
-    a, b, c = ns_coefficients
-    x = grad.float().T if grad.size(0) > grad.size(1) else grad.float()  # (short side, long side)
-    x = x / x.norm().clamp(min=eps)  # spectral norm <= Frobenius norm <= 1
-    for _ in range(ns_steps):
-        gram = x @ x.T
-        x = a * x + (b * gram + c * gram @ gram) @ x  # X <- aX + (bA + cA²)X, A = XXᵀ
-    return (x.T if grad.size(0) > grad.size(1) else x).to(grad.dtype)
+class Muon(torch.optim.Optimizer):
+    """torch.optim.Muon's update (Nesterov momentum 0.95, 5 quintic Newton-Schulz steps, decoupled weight decay,
+    `match_rms_adamw`: lr · 0.2·sqrt(max(A, B)), AdamW's update RMS, so one lr serves both), with the matrices of
+    one shape orthogonalised as one batch: the paper's DiT steps 65 matrices in 6 batched iterations, not 65."""
+
+    def __init__(self, params, lr, weight_decay, momentum=0.95):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            shapes = {}
+            for p in group["params"]:
+                if p.grad is not None:
+                    shapes.setdefault(tuple(p.shape), []).append(p)
+            for (A, B), params in shapes.items():
+                grads = [p.grad for p in params]
+                bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p)) for p in params]
+                torch._foreach_lerp_(bufs, grads, 1 - group["momentum"])
+                # Nesterov: the update is the gradient moved toward the new momentum
+                update = newton_schulz(torch.stack(grads).lerp(torch.stack(bufs), group["momentum"]))  # (n, A, B)
+                torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
+                torch._foreach_add_(params, list(update.unbind(0)), alpha=-group["lr"] * 0.2 * math.sqrt(max(A, B)))
+
+
+def newton_schulz(g, steps=5, coefficients=(3.4445, -4.775, 2.0315), eps=1e-7):
+    """Muon's orthogonalisation of a batch of matrices (n, A, B) (torch's quintic iteration): in bfloat16 on a
+    GPU, as torch; in float32 on a CPU, which runs bfloat16 matmuls ~20x slower (torch's way, a 1.6 M-parameter
+    DiT stepped at 0.6/s on a CPU core, 96% of it here; float32: 3.9/s)."""
+    a, b, c = coefficients
+    x = g.to(torch.bfloat16 if g.is_cuda else torch.float32)
+    tall = g.shape[-2] > g.shape[-1]
+    x = x.mT if tall else x                                          # (n, short side, long side)
+    x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)        # spectral norm <= Frobenius norm <= 1
+    for _ in range(steps):
+        gram = x @ x.mT
+        x = a * x + (b * gram + c * gram @ gram) @ x                 # X <- aX + (bA + cA²)X, A = XXᵀ
+    return (x.mT if tall else x).to(g.dtype)
 
 
 def lr_at(step, lr, warmup):
@@ -340,9 +370,22 @@ def train_loop(stage, cfg, run, preset, roll, rank, world, device, signals):
             raise SystemExit(f"--strategy={roll.strategy}: its steps differ in token count, so they cannot "
                              "be stacked into one batch; choose budgets that make them equal (rollout.py)")
     model.to(device)
+    if cfg.batch_size % run.grad_accum:
+        raise SystemExit(f"--grad_accum={run.grad_accum} must divide the batch size {cfg.batch_size}")
+    if stage == "video":
+        model.checkpointing = run.checkpointing
+    if run.compile and device.type == "cuda":  # the DiT; the autoencoder's encoder and decoder (LPIPS stays eager)
+        for part in [model] if stage == "video" else [model.encoder, model.decoder]:
+            part.compile()
     if master:
         print(f"{stage}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, "
               f"{len(dataset)} training items, device {device}, world {world}")
+        if stage == "video":  # what must fit: weights, gradients, optimizer state and the activations kept for backward
+            (h, w), frames = packing or ((1, 1), ())
+            tokens = sum(f * h * w // 4 ** k for k, f in enumerate(frames)) or len(gathers[0]["index"])
+            need = diffusion.train_memory(cfg, cfg.batch_size // run.grad_accum, tokens, run.checkpointing)
+            print(f"expected peak memory per device: {need / 2**30:.1f} GiB (eager; --checkpointing=true and "
+                  f"--grad_accum lower it)")
         if device.type == "cpu" and preset not in ("tiny", "spin"):  # the log lines' ETA will say how long, in hours
             print(f"note: --preset {preset} is sized for a GPU; on this CPU it runs many hours (tiny: minutes)")
     # DDP only syncs gradients of what runs through forward(): the autoencoder's forward is its loss,
@@ -398,16 +441,31 @@ def train_loop(stage, cfg, run, preset, roll, rank, world, device, signals):
         for opt in optimizers:
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, cfg.lr, cfg.warmup)
-        with autocast:
-            if stage == "ae":
-                loss, stats = wrapped(batch.to(device, non_blocking=True))
-            else:
-                inputs = rollout.training_batch(batch, gathers, probs, device)
-                loss = diffusion.loss(wrapped, **inputs, cfg_drop=cfg.cfg_dropout, packing=packing)
-                stats = {}
         for opt in optimizers:
             opt.zero_grad(set_to_none=True)
-        loss.backward()
+        # the whole batch's randomness is drawn first, then each micro-batch takes its slice: N micro-batches of
+        # B/N make the same step as one batch of B (each loss weighted by its share of the batch's loss terms)
+        if stage == "ae":
+            x = batch.to(device, non_blocking=True)
+            level = torch.randint(cfg.levels, (len(x),), device=device)  # the kept level (tokenizer's loss)
+        else:
+            inputs = rollout.training_batch(batch, gathers, probs, device)
+            noise, denoised = diffusion.loss_noise(inputs["x"]), inputs["denoised"].float()
+        loss, stats, size = 0.0, {}, cfg.batch_size // run.grad_accum
+        for i, part in enumerate(slice(j, j + size) for j in range(0, cfg.batch_size, size)):
+            with wrapped.no_sync() if world > 1 and i < run.grad_accum - 1 else contextlib.nullcontext():
+                with autocast:  # DDP syncs gradients in the last micro-batch's backward only
+                    if stage == "ae":
+                        part_loss, part_stats = wrapped(x[part], level[part])
+                        weight, stats = 1 / run.grad_accum, {k: stats.get(k, 0) + v / run.grad_accum
+                                                             for k, v in part_stats.items()}
+                    else:
+                        part_loss = diffusion.loss(wrapped, **{k: v[part] for k, v in inputs.items()},
+                                                   cfg_drop=cfg.cfg_dropout, packing=packing,
+                                                   noise=tuple(n[part] for n in noise))
+                        weight = denoised[part].sum() / denoised.sum()
+                (part_loss * weight).backward()
+            loss = loss + (part_loss * weight).detach()
         # the paper clips at 1.0; the authors' released code does not actually apply it (README)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         for opt in optimizers:

@@ -442,3 +442,46 @@ def test_compiled_forward_matches_eager():
     with torch.no_grad():
         compiled, eager = torch.compile(model, fullgraph=True)(*args), model(*args)
     assert (compiled - eager).norm() / eager.norm() < 1e-5  # float reassociation only
+
+
+def saved_bytes(cfg, checkpointing, B=4):
+    """Bytes autograd keeps for backward in one bf16-autocast training step of a MilliVid step (weights and their
+    casts left out: they are counted as parameters)."""
+    model, step = d.VideoDiT(cfg), millivid_step()
+    model.checkpointing = checkpointing
+    T, seen = len(step["frame"]), {}
+    shapes = {tuple(p.shape) for p in model.parameters()} | {tuple(p.shape)[::-1] for p in model.parameters()}
+
+    def keep(t):
+        if tuple(t.shape) not in shapes:
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    x, action = torch.randn(B, T, cfg.channels), torch.randint(0, 3, (B, T))
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t), torch.autocast("cpu", torch.bfloat16):
+        d.loss(model, x, step["denoised"], step["frame"], step["level"], step["row"], step["col"], action)
+    return sum(seen.values()), B * T * cfg.width
+
+
+@pytest.mark.parametrize("depth", [2, 4])
+def test_train_memory_is_what_backward_keeps(depth):
+    """train_memory's activations are what autograd keeps (within 5%); with checkpointing, the blocks' fp32 inputs
+    plus, during backward, one block recomputed."""
+    cfg = d.dit_config("tiny", width=96, depth=depth, heads=2)
+    params = 16 * sum(p.numel() for p in d.VideoDiT(cfg).parameters())
+    kept, unit = saved_bytes(cfg, False)
+    assert kept == pytest.approx(d.train_memory(cfg, 4, 64) - params, rel=0.05)
+    kept, unit = saved_bytes(cfg, True)
+    assert kept + d.SAVED_PER_BLOCK * unit == pytest.approx(d.train_memory(cfg, 4, 64, True) - params, rel=0.05)
+
+
+def test_checkpointing_gives_the_same_gradients():
+    step, model = millivid_step(), randomized(TINY)
+    x, action = torch.randn(2, 64, TINY.channels), torch.randint(0, 3, (2, 64))
+    grads = []
+    for checkpointing in (False, True):
+        model.checkpointing = checkpointing
+        model.zero_grad()
+        d.loss(model, x, step["denoised"], step["frame"], step["level"], step["row"], step["col"], action,
+               generator=torch.Generator().manual_seed(0)).backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))

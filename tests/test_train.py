@@ -1,5 +1,6 @@
 """train.py: strict config overrides, the Muon/AdamW split, warmup, the resumable data stream,
 and the gather that turns a chunk of latents into a rollout step's token sequence."""
+import copy
 import dataclasses
 import json
 import re
@@ -60,7 +61,34 @@ def test_muon_gets_exactly_the_linear_weights():
     adamw_ids = {id(p) for g in adamw.param_groups for p in g["params"]}
     assert muon_ids == {id(model[1].weight), id(model[3].weight)}  # 2-D Linear weights only
     assert adamw_ids == {id(p) for p in model.parameters()} - muon_ids  # embedding, biases, norm
-    assert isinstance(muon, torch.optim.Muon)
+    assert isinstance(muon, train.Muon)
+
+
+def test_grouped_muon_takes_torch_muons_steps(monkeypatch):
+    """train.Muon orthogonalises the matrices of one shape as one batch; its steps are torch.optim.Muon's (run
+    with torch's Newton-Schulz iteration in float32, as ours runs it on a CPU), momentum and decay included."""
+    def torch_newton_schulz_fp32(grad, ns_coefficients, ns_steps, eps):  # torch's _zeropower_via_newtonschulz
+        a, b, c = ns_coefficients
+        x = grad.float().T if grad.size(0) > grad.size(1) else grad.float()
+        x = x / x.norm().clamp(min=eps)
+        for _ in range(ns_steps):
+            gram = x @ x.T
+            x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+        return x.T if grad.size(0) > grad.size(1) else x
+    monkeypatch.setattr(torch.optim._muon, "_zeropower_via_newtonschulz", torch_newton_schulz_fp32)
+    torch.manual_seed(0)
+    ours = nn.Sequential(nn.Linear(6, 6), nn.Linear(6, 6), nn.Linear(6, 9), nn.Linear(9, 3))  # shapes shared
+    theirs = copy.deepcopy(ours)
+    muon = train.make_optimizers(ours, 1e-2, 0.1)[0]
+    reference = torch.optim.Muon([m.weight for m in theirs], lr=1e-2, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")
+    for step in range(3):
+        x = torch.randn(4, 6, generator=torch.Generator().manual_seed(step))
+        for model, opt in ((ours, muon), (theirs, reference)):
+            opt.zero_grad()
+            model(x).square().mean().backward()
+            opt.step()
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a.weight, b.weight, rtol=1e-5, atol=1e-6)
 
 
 def test_warmup_is_linear_from_zero_then_constant():
@@ -228,6 +256,28 @@ def test_encode_then_video_resume_is_exact(frames, tmp_path):
                     rollout.rollout_config("tiny"))
 
 
+def test_gradient_accumulation_makes_the_same_steps(frames, tmp_path):
+    """N micro-batches of B/N make the step of one batch of B (up to float summation order): the autoencoder and
+    the video model (MilliVid with steps of different DENOISED counts in one batch, each micro-batch's loss
+    weighted by its share; dense FramePack), with and without activation checkpointing."""
+    def close(a, b):
+        return all(torch.allclose(p, q, rtol=1e-4, atol=1e-6) for p, q in zip(a.state_dict().values(),
+                                                                          b.state_dict().values()))
+    ae = tokenizer.ae_config("tiny", steps=3, batch_size=4, warmup=1)
+    one, two = (train.train("ae", ae, quiet_run(tmp_path / f"ae{n}", frames, grad_accum=n), "tiny") for n in (1, 2))
+    assert close(one, two) and not same_parameters(one, two)  # the same step, summed in another order
+    train.encode_store(str(tmp_path / "ae1"), frames, str(tmp_path / "latents"))
+    for strategy in ("millivid", "framepack"):  # W = (2, 4, 16): steps denoise 32 or 16 tokens
+        roll = rollout.rollout_config("tiny", strategy=strategy, frames_per_level=(2, 4, 16))
+        cfg = diffusion.dit_config("tiny", dense=roll.dense, steps=3, batch_size=4, warmup=1)
+        runs = [train.train("video", cfg, quiet_run(tmp_path / f"{strategy}{n}{c}", str(tmp_path / "latents"),
+                                                    grad_accum=n, checkpointing=c), "tiny", roll)
+                for n, c in ((1, False), (4, False), (2, True))]
+        assert close(runs[0], runs[1]) and close(runs[0], runs[2])
+    with pytest.raises(SystemExit, match="grad_accum=3 must divide the batch size 4"):
+        train.train("ae", ae, quiet_run(tmp_path / "x", frames, grad_accum=3), "tiny")
+
+
 def test_two_process_torchrun_keeps_ranks_identical(frames, tmp_path):
     """DDP on gloo (CPU): after a few steps both ranks hold the same parameters (and they moved)."""
     script = tmp_path / "ddp.py"
@@ -246,6 +296,7 @@ torch.save(model.state_dict(), {str(tmp_path)!r} + f"/rank{{os.environ['RANK']}}
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+    torch.manual_seed(0)  # train.py's initial weights (RunConfig.seed = 0)
     fresh = tokenizer.HierarchicalAutoencoder(tokenizer.ae_config("tiny")).state_dict()
     assert any(not torch.equal(rank0[k], fresh[k]) for k in rank0 if "weight" in k)
 
