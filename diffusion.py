@@ -14,6 +14,7 @@ It knows nothing of rollout strategies: `loss` and `ddim_sample` take one step's
 those to denoise (rollout.py lays steps out; `python rollout.py bench` runs `bench` on a real step).
 """
 import math
+import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -451,43 +452,63 @@ def train_step(model, objective, device):
     return step
 
 
+def cpu_name():
+    try:  # Linux names the model; elsewhere the platform's word for it
+        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 PEAK_BF16_TFLOPS = {"H200": 989, "H100 PCIe": 756, "H100": 989, "A100": 312, "L40S": 362, "4090": 165}
 
 
-def bench(cfg, layout, device, batch, iters, rounds=3):
+def bench(cfg, layout, device, batch, iters, rounds=3, compile=False, checkpointing=False, frames_per_step=1.0,
+          sampling_steps=50):
     """Training tokens/s of VideoDiT(cfg) (all of loss(): noise, forward, backward, AdamW) on one step's
     layout (dict of (T,) tensors denoised, frame, level, row, col) against a plain nn.TransformerEncoder of
-    the same width, depth, heads and sequence length, in the same run. On CUDA also VideoDiT's step time,
-    peak memory and model-FLOPs utilisation (bf16 autocast)."""
+    the same width, depth, heads and sequence length, in the same run; then sampling: network evaluations and
+    generated frames per second (frames_per_step: new frames per rollout step, sampling_steps per rollout step).
+    compile: eager and torch.compile'd side by side. On CUDA also step time, peak memory and MFU (bf16)."""
     denoised, frame, level, row, col = (layout[k].to(device) for k in ("denoised", "frame", "level", "row", "col"))
     tokens = len(frame)
-    print(f"bench: device {device}, batch {batch} x {tokens} tokens, DiT depth {cfg.depth} width {cfg.width} "
-          f"heads {cfg.heads}, {torch.get_num_threads()} CPU threads")
+    hardware = torch.cuda.get_device_name() if device == "cuda" else cpu_name()
+    print(f"bench: device {device} ({hardware}, {torch.get_num_threads()} CPU threads), batch {batch} x {tokens} "
+          f"tokens, DiT depth {cfg.depth} width {cfg.width} heads {cfg.heads}, checkpointing {checkpointing}")
     g = torch.Generator(device).manual_seed(0)
     x = torch.randn(batch, tokens, cfg.channels, device=device, generator=g)
     action = torch.randint(0, cfg.num_actions, (batch, tokens), device=device, generator=g)
     dit = VideoDiT(cfg).to(device)
-    dit_step = train_step(dit, lambda: loss(dit, x, denoised, frame, level, row, col, action, generator=g), device)
-    if device == "cuda":  # peak memory of the DiT's step alone, before the baseline exists
-        torch.cuda.reset_peak_memory_stats()
-        dit_step()
-        memory = torch.cuda.max_memory_allocated() / 2**30
+    dit.checkpointing = checkpointing
+    variants = {"VideoDiT": dit} | ({"VideoDiT compiled": torch.compile(dit)} if compile else {})
+    steps, memory = {}, {}
+    for name, model in variants.items():
+        steps[name] = train_step(model, lambda m=model: loss(m, x, denoised, frame, level, row, col, action), device)
+        if device == "cuda":  # peak memory of each step alone, before the baseline exists
+            torch.cuda.reset_peak_memory_stats()
+            steps[name]()
+            memory[name] = torch.cuda.max_memory_allocated() / 2**30
     encoder = nn.TransformerEncoder(
         nn.TransformerEncoderLayer(cfg.width, cfg.heads, cfg.mlp_ratio * cfg.width, dropout=0.0,
                                    activation="gelu", batch_first=True, norm_first=True),
         cfg.depth, enable_nested_tensor=False).to(device)
     h = torch.randn(batch, tokens, cfg.width, device=device, generator=g)
-    encoder_step = train_step(encoder, lambda: encoder(h).float().pow(2).mean(), device)
-    # alternate the two models and keep each one's best round: fair on a shared, noisy machine
-    sec_dit = sec_encoder = math.inf
+    steps["nn.TransformerEncoder"] = train_step(encoder, lambda: encoder(h).float().pow(2).mean(), device)
+    # alternate the models and keep each one's best round: fair on a shared, noisy machine
+    sec = dict.fromkeys(steps, math.inf)
     for _ in range(rounds):
-        sec_dit = min(sec_dit, timed(dit_step, iters))
-        sec_encoder = min(sec_encoder, timed(encoder_step, iters))
-    for name, sec in (("VideoDiT", sec_dit), ("nn.TransformerEncoder", sec_encoder)):
-        print(f"  {name:22s} {batch * tokens / sec:12,.0f} train tokens/s  ({1e3 * sec:8.1f} ms/step)")
-    print(f"  ratio VideoDiT / TransformerEncoder: {sec_encoder / sec_dit:.2f}x (goal on CPU >= 0.80x)")
-    if device == "cuda":
-        gpu = torch.cuda.get_device_name()
-        peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in gpu), None)
-        mfu = f"{100 * train_flops(cfg, batch, tokens) / sec_dit / (peak * 1e12):.1f}%" if peak else "n/a"
-        print(f"  VideoDiT on {gpu}, bf16: {1e3 * sec_dit:.0f} ms/step, peak memory {memory:.1f} GiB, MFU {mfu}")
+        for name, step in steps.items():
+            sec[name] = min(sec[name], timed(step, iters))
+    gpu = torch.cuda.get_device_name() if device == "cuda" else ""
+    peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in gpu), None)
+    for name, t in sec.items():
+        extra = f", peak memory {memory[name]:.1f} GiB" if name in memory else ""
+        extra += f", MFU {100 * train_flops(cfg, batch, tokens) / t / (peak * 1e12):.1f}%" if peak and extra else ""
+        print(f"  train  {name:22s} {batch * tokens / t:12,.0f} tokens/s  ({1e3 * t:8.1f} ms/step{extra})")
+    print(f"  ratio VideoDiT / TransformerEncoder: {sec['nn.TransformerEncoder'] / sec['VideoDiT']:.2f}x "
+          "(goal on CPU >= 0.80x)")
+    with torch.no_grad(), torch.autocast("cuda", torch.bfloat16, enabled=device == "cuda"):
+        for name, model in variants.items():  # a rollout step's DDIM loop: `n` evaluations, noise from outside
+            n, eps = 5, torch.randn(x.shape, device=device, generator=g)
+            t = timed(lambda: ddim_sample(model, x, denoised, frame, level, row, col, action, steps=n, eps=eps), 1) / n
+            print(f"  sample {name:22s} {1 / t:12,.1f} network evaluations/s of {batch} sequences, "
+                  f"{batch * frames_per_step / (sampling_steps * t):,.2f} frames/s ({sampling_steps} DDIM steps)")

@@ -49,6 +49,7 @@ class EvalConfig:
     num_samples: int = 4                # test videos written as side-by-side and plan videos
     models: tuple = ("millivid", "framepack", "fullres")  # video models evaluated, {root}/video-<name>
     lpips: bool = True                  # LPIPS-AlexNet when its backbone weights are on disk
+    compile: bool = True                # on CUDA: the video models compiled with CUDA graphs (launch-free sampling)
     fps: int = 20                       # Loopcraft's frame rate
     map_size: int = 128                 # top-down trajectory panel, pixels
     seed: int = 0                       # random-latents pairing
@@ -749,6 +750,8 @@ def evaluate(cfg, preset="paper"):
 
     models = []
     for name, strategy, net, roll, trained in source["nets"]:
+        if cfg.compile and device.type == "cuda":  # each rollout step's shapes are static: one graph per step kind
+            net.compile(mode="reduce-overhead")
         steps, clipped = rollout.strategy_steps(roll, T0)
         cost = rollout.figures(steps, T0, cfg.context, cfg.total, clipped, net.cfg.dense, cfg.sampling_steps)
         models.append(Model(name, rollout_of(net, steps, clipped), cost["rollout_steps"],  # CFG: twice the evaluations

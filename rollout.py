@@ -456,6 +456,8 @@ def main(argv=None):
     arg("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="bench: cpu | cuda")
     arg("--batch", type=int, help="bench: default 48 on CUDA (the paper's), on CPU 16 / 4 / 1")
     arg("--iters", type=int, default=5, help="bench: timed steps per round")
+    arg("--compile", action="store_true", help="bench: torch.compile'd beside eager")
+    arg("--checkpointing", action="store_true", help="bench: activation checkpointing per block")
     args, rest = parser.parse_known_args(argv)
     if args.image and not os.path.isdir(os.path.dirname(os.path.abspath(args.image))):  # checked before any work
         raise SystemExit(f"{args.image}: folder {os.path.dirname(os.path.abspath(args.image))} does not exist")
@@ -467,7 +469,11 @@ def main(argv=None):
         (T0, _, _), cfg = preset_frames(preset), rollout_config(preset)  # the last MilliVid step: a level-0 target
         g0, step = math.isqrt(T0), millivid_steps(cfg.frames_per_level, cfg.extra_budget, T0)[-1]
         layout = step_tokens(step, [(g0 >> l, g0 >> l) for l in range(len(cfg.frames_per_level))], 1)
-        return diffusion.bench(diffusion.dit_config(preset), layout, args.device, batch, args.iters)
+        steps, _ = strategy_steps(cfg, T0)  # MilliVid's new frames per rollout step, for frames/s in sampling
+        per_step = figures(steps, T0, *preset_frames(preset)[1:])["new_frames"] / len(steps)
+        return diffusion.bench(diffusion.dit_config(preset), layout, args.device, batch, args.iters,
+                               compile=args.compile, checkpointing=args.checkpointing, frames_per_step=per_step,
+                               sampling_steps=cfg.sampling_steps)
     preset = args.preset or "paper"  # T_0 and [start, end): the preset's unless given
     T0, start, end = (a or b for a, b in zip((args.tokens, args.start, args.end), preset_frames(preset)))
     try:

@@ -384,7 +384,7 @@ def train_loop(stage, cfg, run, preset, roll, rank, world, device, signals):
             (h, w), frames = packing or ((1, 1), ())
             tokens = sum(f * h * w // 4 ** k for k, f in enumerate(frames)) or len(gathers[0]["index"])
             need = diffusion.train_memory(cfg, cfg.batch_size // run.grad_accum, tokens, run.checkpointing)
-            print(f"expected peak memory per device: {need / 2**30:.1f} GiB (eager; --checkpointing=true and "
+            print(f"expected peak memory per device: {need / 2**30:.2f} GiB (eager; --checkpointing=true and "
                   f"--grad_accum lower it)")
         if device.type == "cpu" and preset not in ("tiny", "spin"):  # the log lines' ETA will say how long, in hours
             print(f"note: --preset {preset} is sized for a GPU; on this CPU it runs many hours (tiny: minutes)")

@@ -1,6 +1,7 @@
 """rollout.py against worked examples, the paper's figures and the invariants that make the bookkeeping
 correct (paper §3.2, Fig. 2, Fig. 10, Fig. 11, App. A.2-A.3)."""
 import os
+import re
 import subprocess
 import sys
 from fractions import Fraction
@@ -374,3 +375,11 @@ def test_bad_input_is_named():
         rollout.main(["show", "millivid", "--frames-per-levle=1,4,16"])
     with pytest.raises(SystemExit, match="does not exist"):
         rollout.main(["show", "fullres", "--image", "/nonexistent/folder/x.png"])
+
+
+def test_bench_names_the_hardware_and_prints_training_and_sampling_figures(capsys):
+    rollout.main(["bench", "--preset", "tiny", "--device", "cpu", "--iters", "1", "--batch", "2"])
+    out = capsys.readouterr().out
+    assert f"device cpu ({rollout.diffusion.cpu_name()}" in out and "batch 2 x 64 tokens" in out
+    assert re.search(r"train  VideoDiT +[\d,]+ tokens/s", out) and "train  nn.TransformerEncoder" in out
+    assert re.search(r"sample VideoDiT +[\d,.]+ network evaluations/s of 2 sequences, [\d,.]+ frames/s", out)
