@@ -18,8 +18,10 @@ sliding, a step's tokens, App. A.3's cost figures, the generation loop, and a co
     python rollout.py bench --preset toy --device cuda     # DiT training throughput on a real step
 """
 import argparse
+import json
 import math
 import os
+import time
 from collections import Counter
 from dataclasses import dataclass, replace
 from fractions import Fraction
@@ -458,9 +460,13 @@ def main(argv=None):
     arg("--iters", type=int, default=5, help="bench: timed steps per round")
     arg("--compile", action="store_true", help="bench: torch.compile'd beside eager")
     arg("--checkpointing", action="store_true", help="bench: activation checkpointing per block")
+    arg("--store", help="bench: instead, training reads of this latent store (MilliVid steps): items/s, bytes")
+    arg("--workers", type=int, default=0, help="bench --store: DataLoader worker processes")
     args, rest = parser.parse_known_args(argv)
     if args.image and not os.path.isdir(os.path.dirname(os.path.abspath(args.image))):  # checked before any work
         raise SystemExit(f"{args.image}: folder {os.path.dirname(os.path.abspath(args.image))} does not exist")
+    if args.command == "bench" and args.store:
+        return read_bench(args.store, args.workers)
     if args.command == "bench":
         if args.device == "cuda" and not torch.cuda.is_available():
             raise SystemExit("bench: --device cuda but CUDA is not available here (use --device cpu)")
@@ -510,40 +516,72 @@ def locate(ends, i):
 
 
 class ChunkDataset(torch.utils.data.Dataset):
-    """Every (video, start) with start in [0, frames - chunk_frames] of a latent store. Deterministic."""
-    def __init__(self, root, keys, chunk_frames, levels=None):
+    """Every (video, start) with start in [0, frames - chunk_frames] of a latent store. An item is (i, s): chunk
+    i read for rollout step s (the sampler draws it), and only the cells that step uses are read, memory-mapped,
+    in the stored float16: per item T·C·2 bytes (paper: 3,840 x 32 x 2 = 246 KB, not the whole chunk's 9.7 MB)."""
+    def __init__(self, root, keys, chunk_frames, steps, grids, dense=False):
         self.root, self.keys, self.N = root, list(keys), chunk_frames
-        self.levels = list(levels) if levels is not None else \
-            [l for l in range(16) if os.path.exists(os.path.join(root, self.keys[0], f"l{l}.npy"))]
         index = data.load_index(root)                    # {key: frames}: no file opened per video (200k of them)
         self.ends = np.cumsum([0] + [max(0, index[k] - chunk_frames + 1) for k in self.keys])
+        self.reads = []  # per step, on the host once: per level the chunk frames it reads; each token's place in them
+        for step in steps:
+            layout = step_layout(step.selection, grids, dense)
+            level = np.zeros_like(layout["level"]) if dense else layout["level"]  # dense: raw level-0 tokens
+            frames, offset, where = [], 0, np.zeros(len(level), np.int64)
+            for l, (h, w) in enumerate(grids[:1] if dense else grids[:len(step.selection)]):
+                f = np.unique(layout["frame"][level == l])
+                at = level == l  # row of the token's frame among those read, then its cell
+                row = np.searchsorted(f, layout["frame"][at])
+                where[at] = offset + (row * h + layout["row"][at]) * w + layout["col"][at]
+                frames.append(f)
+                offset += len(f) * h * w
+            self.reads.append((frames, where, layout["frame"]))
 
     def __len__(self):
         return int(self.ends[-1])
 
-    def __getitem__(self, i):
+    def __getitem__(self, item):
+        (i, s), (frames, where, token_frame) = item, self.reads[item[1]]
         v, start = locate(self.ends, i)
         key = self.keys[v]
-        latents = [torch.from_numpy(tokenizer.read_latents(self.root, key, l, start, start + self.N).astype(np.float32))
-                   for l in self.levels]                                          # (N, T_l, C) each
-        act = np.load(os.path.join(self.root, key, "actions.npy"), mmap_mode="r")[start:start + self.N, 0]
-        return dict(latents=latents, actions=torch.from_numpy(act.astype(np.int64)), key=key, start=start)
+        path = os.path.join(self.root, key)
+        rows = [np.load(f"{path}/l{l}.npy", mmap_mode="r")[start + f] for l, f in enumerate(frames)]  # (F_l, T_l, C)
+        x = np.concatenate([r.reshape(-1, r.shape[-1]) for r in rows])[where]    # (T, C) float16
+        act = np.load(f"{path}/actions.npy", mmap_mode="r")[start:start + self.N, 0][token_frame]  # (T,)
+        return dict(x=torch.from_numpy(x), action=torch.from_numpy(act.astype(np.int64)), step=s)
 
     def item_name(self, i):
         v, start = locate(self.ends, i)
         return f"{self.keys[v]} frames {start}-{start + self.N - 1}"
 
 
-def training_batch(batch, gathers, probs, device):
-    """A batch of (video, chunk start) items -> one randomly drawn rollout step per item, gathered
-    into the model's token sequence. Steps of one strategy have equal token counts, so they stack."""
-    steps = torch.multinomial(probs, len(batch["actions"]), replacement=True)  # group-balanced (§3.2)
-    flat = torch.cat([z.flatten(1, 2) for z in batch["latents"]], dim=1)  # (B, levels·N·T_l, C)
-    fields = {k: torch.stack([gathers[s][k] for s in steps.tolist()]) for k in gathers[0]}  # (B, T)
-    x = flat.gather(1, fields["index"][..., None].expand(-1, -1, flat.shape[-1]))   # (B, T, C)
-    action = batch["actions"].gather(1, fields["frame"])  # action t leads into frame t (data.simulate)
-    out = dict(x=x, action=action, **{k: fields[k] for k in ("denoised", "frame", "level", "row", "col")})
-    return {k: v.to(device, non_blocking=True) for k, v in out.items()}
+def training_batch(batch, gathers, device):
+    """A collated batch of ChunkDataset items (each the tokens of its drawn rollout step) -> the model's inputs on
+    `device`: the step layouts stacked (steps of one strategy have equal token counts), x to float32 there."""
+    fields = {k: torch.stack([gathers[s][k] for s in batch["step"].tolist()]) for k in gathers[0]}  # (B, T)
+    out = dict(x=batch["x"].to(device, non_blocking=True).float(), action=batch["action"].to(device, non_blocking=True))
+    return out | {k: fields[k].to(device, non_blocking=True) for k in ("denoised", "frame", "level", "row", "col")}
+
+
+def read_bench(store, workers=0, seconds=10.0, batch=48):
+    """Training reads from a latent store, as the video stage does them (MilliVid's steps on the store's grids,
+    uniform random chunks and steps): items/s and bytes per item, after one warm-up batch."""
+    meta, keys = json.load(open(f"{store}/meta.json")), sorted(data.load_index(store))
+    grids = [tuple(g) for g in meta["grids"]]
+    W = RolloutConfig().frames_per_level[:len(grids)]  # the paper's widths, cut to the store's levels
+    steps = millivid_steps(W, grids[-1][0] * grids[-1][1] * W[-1], grids[0][0] * grids[0][1])
+    ds = ChunkDataset(store, keys, steps[0].selection.shape[1], steps, grids)
+    rng = np.random.default_rng(0)
+    batches = iter(lambda: list(zip(rng.integers(len(ds), size=batch).tolist(),
+                                    rng.integers(len(steps), size=batch).tolist())), None)  # endless
+    it = iter(torch.utils.data.DataLoader(ds, batch_sampler=batches, num_workers=workers))
+    x, count, start = next(it)["x"], 0, time.perf_counter()  # after a warm-up batch (workers started)
+    while time.perf_counter() - start < seconds:
+        x = next(it)["x"]
+        count += len(x)
+    rate = count / (time.perf_counter() - start)
+    print(f"reads of {store}: {rate:,.0f} items/s with {workers} workers, {x[0].numel() * 2:,} bytes per item "
+          f"({len(x[0])} tokens x {x.shape[-1]} channels, float16): {rate * x[0].numel() * 2 / 1e6:,.1f} MB/s")
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -292,13 +292,13 @@ class StepBatches(torch.utils.data.Sampler):
     step s takes global batch s mod (batches per epoch), and each rank takes its slice of it.
     Starting at any step reproduces the straight run's data stream (exact resume)."""
 
-    def __init__(self, n, batch_size, rank, world, seed, start_step, num_steps):
+    def __init__(self, n, batch_size, rank, world, seed, start_step, num_steps, probs=None):
         self.per_epoch = n // (batch_size * world)
         if self.per_epoch == 0:
             raise SystemExit(f"dataset has {n} items, fewer than one global batch "
                              f"({batch_size} x {world} ranks): lower --batch_size")
         self.n, self.b, self.rank, self.world, self.seed = n, batch_size, rank, world, seed
-        self.start, self.stop = start_step, num_steps
+        self.start, self.stop, self.probs = start_step, num_steps, probs
 
     def __len__(self):
         return self.stop - self.start
@@ -312,8 +312,15 @@ class StepBatches(torch.utils.data.Sampler):
         first = (step % self.per_epoch) * self.b * self.world + self.rank * self.b
         return self._perm[first:first + self.b].tolist()
 
-    def __iter__(self):
-        return (self.batch(step) for step in range(self.start, self.stop))
+    def rollout_steps(self, step):
+        """The rollout step each item of this rank's batch at `step` is trained on, drawn with `probs`
+        (rollout.step_probabilities, §3.2): a pure function of (seed, step, rank) too."""
+        g = torch.Generator().manual_seed((self.seed * 1_000_003 + step) * 1_000_003 + self.rank)
+        return torch.multinomial(self.probs, self.b, replacement=True, generator=g).tolist()
+
+    def __iter__(self):  # video: (item, rollout step) pairs, so a worker reads only that step's cells
+        for step in range(self.start, self.stop):
+            yield self.batch(step) if self.probs is None else list(zip(self.batch(step), self.rollout_steps(step)))
 
 
 # ----------------------------------------------------------------------------- the training loop
@@ -361,7 +368,7 @@ def train_loop(stage, cfg, run, preset, roll, rank, world, device, signals):
         levels = [0] if roll.dense else list(range(len(steps[0].selection)))  # what a step reads
         if len(levels) > len(grids):
             raise SystemExit(f"--strategy={roll.strategy} needs {len(levels)} levels; {run.data} has {len(grids)}")
-        dataset = rollout.ChunkDataset(run.data, train_keys, chunk, levels=levels)
+        dataset = rollout.ChunkDataset(run.data, train_keys, chunk, steps, grids, roll.dense)
         model = diffusion.VideoDiT(cfg)
         probs = torch.tensor(rollout.step_probabilities(steps), dtype=torch.float64)
         gathers = [rollout.step_tokens(s, grids, chunk, roll.dense) for s in steps]  # the tokens of each step
@@ -426,7 +433,8 @@ def train_loop(stage, cfg, run, preset, roll, rank, world, device, signals):
             raise SystemExit(f"non-finite loss or gradient norm at {where}: training stopped; the checkpoints "
                              f"in {run.out} are all from finite steps (inspect that data, then rerun to resume)")
 
-    sampler = StepBatches(len(dataset), cfg.batch_size, rank, world, run.seed, step, cfg.steps)
+    sampler = StepBatches(len(dataset), cfg.batch_size, rank, world, run.seed, step, cfg.steps,
+                          None if stage == "ae" else probs)
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, num_workers=run.workers, pin_memory=device.type == "cuda",
         persistent_workers=False, generator=torch.Generator(),  # own generator: leave global RNG alone
@@ -449,7 +457,7 @@ def train_loop(stage, cfg, run, preset, roll, rank, world, device, signals):
             x = batch.to(device, non_blocking=True)
             level = torch.randint(cfg.levels, (len(x),), device=device)  # the kept level (tokenizer's loss)
         else:
-            inputs = rollout.training_batch(batch, gathers, probs, device)
+            inputs = rollout.training_batch(batch, gathers, device)
             noise, denoised = diffusion.loss_noise(inputs["x"]), inputs["denoised"].float()
         loss, stats, size = 0.0, {}, cfg.batch_size // run.grad_accum
         for i, part in enumerate(slice(j, j + size) for j in range(0, cfg.batch_size, size)):

@@ -58,7 +58,9 @@ def test_a_non_finite_batch_stops_training_and_keeps_the_good_checkpoints(tmp_pa
     run = quiet_run(tmp_path / "video", store, ckpt_every=1, keep=100)
     # the data stream is a pure function of the step: poison a video that step 0 does not read, and find
     # the first step that reads it
-    dataset = rollout.ChunkDataset(store, train.split_keys(sorted(data.load_index(store)), 0.25)[0], 37)
+    steps = rollout.strategy_steps(roll, 16)[0]
+    dataset = rollout.ChunkDataset(store, train.split_keys(sorted(data.load_index(store)), 0.25)[0], 37, steps,
+                                   [(4, 4), (2, 2), (1, 1)])
     sampler = train.StepBatches(len(dataset), 4, 0, 1, 0, 0, 40)
     first = {dataset.item_name(i).split()[0] for i in sampler.batch(0)}
     key = next(k for k in dataset.keys if k not in first)

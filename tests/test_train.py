@@ -133,22 +133,15 @@ def test_step_tokens_read_the_right_latents():
     assert torch.equal(x[:, 1:], torch.stack([gather["frame"], gather["row"], gather["col"]], -1).float())
 
 
-def test_training_batch_draws_steps_and_actions():
-    grids, chunk = [[4, 4], [2, 2], [1, 1]], 37
+def test_sampler_draws_rollout_steps_as_a_pure_function_of_the_step():
     steps = rollout.millivid_steps([1, 4, 16], 16, 16)
-    gathers = [rollout.step_tokens(s, grids, chunk, dense=False) for s in steps]
     probs = torch.tensor(rollout.step_probabilities(steps), dtype=torch.float64)
-    batch = {"latents": [torch.randn(3, chunk, h * w, 8) for h, w in grids],
-             "actions": torch.arange(chunk).repeat(3, 1)}
-    torch.manual_seed(0)
-    inputs = rollout.training_batch(batch, gathers, probs, torch.device("cpu"))
-    assert inputs["x"].shape == (3, 64, 8)  # tiny budget: 64 tokens per step
-    assert torch.equal(inputs["action"], inputs["frame"])  # action of each token's own frame
-    torch.manual_seed(0)
-    drawn = torch.multinomial(probs, 3, replacement=True).tolist()  # the same draw as training_batch made
-    expected = torch.stack([gathers[s]["role"] == rollout.DENOISED for s in drawn])
-    assert inputs["denoised"].dtype == torch.bool and expected.any() and not expected.all()
-    assert torch.equal(inputs["denoised"], expected)  # the drawn step's DENOISED tokens, nothing else
+    make = lambda start, rank=0: train.StepBatches(40, 4, rank, 2, seed=3, start_step=start, num_steps=30, probs=probs)
+    straight, resumed = list(make(0)), list(make(12))
+    assert resumed == straight[12:] and all(len(b) == 4 and all(isinstance(p, tuple) for p in b) for b in straight)
+    assert [i for i, _ in straight[5]] == make(0).batch(5) and list(make(0, rank=1))[5] != straight[5]
+    drawn = [s for b in straight for _, s in b]  # 120 draws over 21 steps, group-balanced (§3.2)
+    assert len(set(drawn)) > 10 and max(drawn) < len(steps)
 
 
 # ----------------------------------------------------------------------------- the datasets the loops read
@@ -173,24 +166,52 @@ def test_frame_dataset_and_distributed_sampler_partition(tmp_path):
     assert len(val) == 5 and sorted(kept + val) == [f"{i:03d}/000" for i in range(50)]
 
 
-def test_latent_store_and_chunk_dataset(tmp_path):
-    rng = np.random.default_rng(0)
-    levels = {k: [rng.normal(size=(f, 4 ** (1 - l), 3)) for l in range(2)] for k, f in (("a/0", 6), ("a/1", 4))}
-    actions = {k: np.tile(np.arange(len(v[0]))[:, None] % 3, (1, 6)).astype(np.float32) for k, v in levels.items()}
-    for k in levels:
-        tokenizer.write_latents(str(tmp_path), k, levels[k], actions[k])
+def test_latent_store_and_chunk_dataset_read_only_the_drawn_steps_cells(tmp_path, monkeypatch):
+    """An item (chunk, rollout step) holds that step's tokens in the stored float16, as training_batch lays them
+    out for the model, read from only the frames the step uses (memory-mapped rows), whatever the strategy."""
+    rng, grids, C = np.random.default_rng(0), [(4, 4), (2, 2), (1, 1)], 3
+    levels = {k: [rng.normal(size=(f, h * w, C)) for h, w in grids] for k, f in (("a/0", 40), ("a/1", 38))}
+    for k, v in levels.items():
+        tokenizer.write_latents(str(tmp_path), k, v, np.tile(np.arange(len(v[0]))[:, None] % 3, (1, 6)))
     (tmp_path / "index.json").write_text(json.dumps({k: len(v[0]) for k, v in levels.items()}))  # encode writes it
     np.testing.assert_array_equal(tokenizer.read_latents(str(tmp_path), "a/0", 1, 2, 5),
                                   levels["a/0"][1][2:5].astype(np.float16))
-    ds = rollout.ChunkDataset(str(tmp_path), ["a/0", "a/1"], chunk_frames=3)
-    assert len(ds) == (6 - 3 + 1) + (4 - 3 + 1)
-    item = ds[5]                                       # second chunk of a/1
-    assert item["key"] == "a/1" and item["start"] == 1
-    assert [z.shape for z in item["latents"]] == [(3, 4, 3), (3, 1, 3)] and item["latents"][0].dtype == torch.float32
-    torch.testing.assert_close(item["latents"][1],
-                               torch.from_numpy(levels["a/1"][1][1:4].astype(np.float16).astype(np.float32)))
-    assert item["actions"].tolist() == [1, 2, 0] and item["actions"].dtype == torch.long
-    assert len(rollout.ChunkDataset(str(tmp_path), ["a/0"], 3, levels=[1])[0]["latents"]) == 1
+    for name in ("millivid", "framepack", "fullres"):
+        roll = rollout.rollout_config("tiny", strategy=name)
+        steps, _ = rollout.strategy_steps(roll, 16)
+        N = steps[0].selection.shape[1]
+        ds = rollout.ChunkDataset(str(tmp_path), ["a/0", "a/1"], N, steps, grids, roll.dense)
+        assert len(ds) == (40 - N + 1) + (38 - N + 1) and ds.item_name(len(ds) - 1) == f"a/1 frames {38 - N}-37"
+        gathers = [rollout.step_tokens(s, grids, N, roll.dense) for s in steps]
+        read = []  # the rows each np.load hands out
+        load = np.load
+        monkeypatch.setattr(np, "load", lambda *a, **k: Recorder(load(*a, **k), read))
+        for s in range(len(steps)):
+            read.clear()
+            item = ds[len(ds) - 1, s]  # the last chunk of a/1: frames 38 - N .. 37
+            read_levels = levels["a/1"][:1] if roll.dense else levels["a/1"]
+            whole = np.concatenate([z[38 - N:].reshape(-1, C) for z in read_levels])
+            assert item["x"].dtype == torch.float16 and item["step"] == s
+            np.testing.assert_array_equal(item["x"].numpy(), whole[gathers[s]["index"].numpy()].astype(np.float16))
+            assert item["action"].tolist() == ((38 - N + gathers[s]["frame"]) % 3).tolist()
+            frames = {(0 if roll.dense else l, f) for l, f in zip(gathers[s]["level"].tolist(),
+                                                                  gathers[s]["frame"].tolist())}
+            assert sum(read) == len(frames) + N  # the (level, frame) rows the step uses, and the chunk's actions
+        monkeypatch.undo()
+    batch = torch.utils.data.default_collate([ds[0, 0], ds[3, len(steps) - 1]])
+    inputs = rollout.training_batch(batch, gathers, torch.device("cpu"))
+    assert inputs["x"].dtype == torch.float32 and inputs["x"].shape == (2, len(gathers[0]["index"]), C)
+    assert torch.equal(inputs["denoised"][1], gathers[-1]["denoised"])
+
+
+class Recorder:  # a memory-mapped array that notes how many rows each read takes
+    def __init__(self, array, log):
+        self.array, self.log = array, log
+
+    def __getitem__(self, index):
+        out = self.array[index]
+        self.log.append(len(out))
+        return out
 
 
 # ----------------------------------------------------------------------------- whole runs on the tiny preset
