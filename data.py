@@ -23,6 +23,7 @@ import math
 import os
 import shutil
 import struct
+import sys
 import tempfile
 import time
 import zlib
@@ -33,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+from tqdm import tqdm
 
 
 @dataclass
@@ -407,15 +409,47 @@ def _write_maze_video(out: str, key: str, cfg: MazeConfig, world: np.ndarray, po
         atomic_write(os.path.join(out, name), lambda tmp: np.save(tmp, array))
 
 
+class Progress:
+    """Progress of long work (`total` items): on a terminal, a live tqdm bar (position, rate, ETA); in a log, a plain
+    line every `every` items: "what n/total (p%), rate/s, eta h:mm:ss" (every=0: only where the caller prints).
+    show=False (another rank than 0): nothing."""
+    def __init__(self, what: str, total: int, every: int | None = None, show: bool = True):
+        self.what, self.total, self.done, self.start = what, total, 0, time.perf_counter()
+        self.every = (max(1, total // 10) if every is None else every) if show else 0
+        self.bar = tqdm(total=total, desc=what, dynamic_ncols=True) if show and sys.stderr.isatty() else None
+
+    def line(self) -> str:
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        left = elapsed / max(self.done, 1) * (self.total - self.done)
+        eta = time.strftime("%H:%M:%S", time.gmtime(left)) if left < 86400 else f"{left / 86400:.1f} days"
+        return f"{self.what} {self.done}/{self.total} ({100 * self.done // max(self.total, 1)}%), " \
+               f"{self.done / elapsed:.2f}/s, eta {eta}"
+
+    def update(self, n: int = 1) -> None:
+        before, self.done = self.done, self.done + n
+        if self.bar is not None:
+            self.bar.update(n)
+        elif self.every and self.done // self.every > before // self.every and self.done < self.total:
+            print(self.line(), flush=True)
+
+    def write(self, text: str) -> None:  # a log line; on a terminal above the bar
+        tqdm.write(text) if self.bar is not None else print(text, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 def _map(fn, jobs: list[tuple], workers: int, what: str = "") -> list:
-    """[fn(*job) for job in jobs], across `workers` processes when > 1, in tenths; `what`: a progress line each."""
-    out, t0 = [], time.perf_counter()
+    """[fn(*job) for job in jobs], across `workers` processes when > 1, in tenths; `what`: show progress."""
+    out, progress = [], Progress(what, len(jobs)) if what else None
     with Pool(workers) if workers > 1 else contextlib.nullcontext() as pool:
         for part in np.array_split(np.arange(len(jobs)), min(10, len(jobs)) or 1):
             out += pool.starmap(fn, [jobs[i] for i in part]) if pool else [fn(*jobs[i]) for i in part]
-            if what and out:
-                eta = (time.perf_counter() - t0) / len(out) * (len(jobs) - len(out))
-                print(f"{what}: {len(out)}/{len(jobs)} ({100 * len(out) // len(jobs)}%), eta {eta:.0f} s", flush=True)
+            if progress:
+                progress.update(len(part))
+    if progress:
+        progress.close()
     return out
 
 

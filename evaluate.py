@@ -94,13 +94,6 @@ def describe(config):
                      .rstrip() for f in dataclasses.fields(config))
 
 
-def progress(what, done, total, start):
-    """A progress line for logs: position/total, rate and ETA (the `done` items took since `start`)."""
-    left = (elapsed := max(time.perf_counter() - start, 1e-9)) / max(done, 1) * (total - done)
-    eta = time.strftime("%H:%M:%S", time.gmtime(left)) if left < 86400 else f"{left / 86400:.1f} days"
-    return f"{what} {done}/{total} ({100 * done // max(total, 1)}%), {done / elapsed:.2f}/s, eta {eta}"
-
-
 # ----------------------------------------------------------------------------- per-frame metrics
 
 PSNR_CAP = 100.0  # dB; identical frames (MSE = 0) score this instead of inf, so bucket means stay finite
@@ -566,10 +559,8 @@ def evaluate_videos(cfg, keys, load, decode, models, palette=None, lpips_net=Non
     partner_latents = partner_latents or (lambda key: load(key).latents[0][c:n])
     buckets, partner = horizon_buckets(n - c, cfg.buckets), derangement(len(keys), cfg.seed)
     values, wall, samples = {}, {m.name: 0.0 for m in models}, []  # values: row -> metric -> [per video (K,)]
-    plans, t_start = {m.strategy: m.steps for m in models}, time.perf_counter()  # plans: what the probe follows
+    plans, progress = {m.strategy: m.steps for m in models}, data.Progress("evaluate: videos", len(keys), every=1)
     for start in range(0, len(keys), cfg.batch_size):
-        if start:
-            print(progress("evaluate: videos", start, len(keys), t_start), flush=True)
         batch = range(start, min(start + cfg.batch_size, len(keys)))
         videos = [load(keys[i]) for i in batch]
         for i, v in zip(batch, videos):
@@ -623,6 +614,8 @@ def evaluate_videos(cfg, keys, load, decode, models, palette=None, lpips_net=Non
                     shown["categories"] = np.concatenate([v.frames[:c], np.where(
                         probes[b][0][..., None] >= 0, truth // 4 + tint // 4 * 3, truth)])
                 samples.append(Sample(keys[i], shown, mp, plans_))
+        progress.update(len(batch))
+    progress.close()
     table = {name: {k: np.stack(x) for k, x in metrics.items()} for name, metrics in values.items()}
     for strategy in dict.fromkeys(m.strategy for m in models if m.strategy):  # training seeds pooled: per video, mean
         names = [m.name for m in models if m.strategy == strategy]

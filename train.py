@@ -440,7 +440,7 @@ def train_loop(stage, cfg, run, preset, roll, rank, world, device, signals):
         persistent_workers=False, generator=torch.Generator(),  # own generator: leave global RNG alone
         worker_init_fn=ignore_signals)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-    t0, seen, t_start, start_step = time.time(), 0, time.perf_counter(), step
+    t0, seen, progress = time.time(), 0, data.Progress("steps", cfg.steps - step, every=0, show=master)
     hardware = f"{world} x {torch.cuda.get_device_name(device) if device.type == 'cuda' else device.type}"
     first_bad = torch.tensor(-1, device=device)  # the first step with a non-finite loss or gradient norm
     model.train()
@@ -483,6 +483,7 @@ def train_loop(stage, cfg, run, preset, roll, rank, world, device, signals):
         first_bad = torch.where((first_bad < 0) & ~finite, step, first_bad)
         step += 1
         seen += cfg.batch_size * world
+        progress.update()
         stop = torch.tensor(float(signals.caught is not None), device=device)
         if world > 1:  # all ranks stop after the same step: one 4-byte all_reduce per step
             dist.all_reduce(stop, op=dist.ReduceOp.MAX)
@@ -493,9 +494,9 @@ def train_loop(stage, cfg, run, preset, roll, rank, world, device, signals):
         if master and (step % run.log_every == 0 or step == cfg.steps):
             dt = time.time() - t0
             extra = "".join(f" | {k} {v:.4f}" for k, v in stats.items() if k != "loss")
-            print(f"step {step:7d} | loss {loss.item():.5f}{extra} | lr {lr_at(step - 1, cfg.lr, cfg.warmup):.2e}"
-                  f" | grad {grad_norm.item():.3f} | {seen / dt:.1f} {'images' if stage == 'ae' else 'seqs'}/s | "
-                  + evaluate.progress("steps", step - start_step, cfg.steps - start_step, t_start), flush=True)
+            progress.write(f"step {step:7d} | loss {loss.item():.5f}{extra} | lr {lr_at(step - 1, cfg.lr, cfg.warmup):.2e}"
+                           f" | grad {grad_norm.item():.3f} | {seen / dt:.1f} {'images' if stage == 'ae' else 'seqs'}"
+                           f"/s | {progress.line()}")
             t0, seen = time.time(), 0
         if master and stage == "ae" and (step % run.image_every == 0 or step == cfg.steps):  # Fig. 5-style, held out
             x = tokenizer.spread_frames(run.data, val_keys or train_keys, 4).to(device)
@@ -507,12 +508,14 @@ def train_loop(stage, cfg, run, preset, roll, rank, world, device, signals):
             path = save_checkpoint(run.out, step, {"model": model.state_dict(), "step": step,
                                                    "optimizers": [o.state_dict() for o in optimizers],
                                                    "config": resolved, "device": hardware,
-                                                   "seconds": seconds + time.perf_counter() - t_start}, run.keep)
+                                                   "seconds": seconds + time.perf_counter() - progress.start},
+                                   run.keep)
         if stop:
             if world > 1:
                 dist.barrier()
             raise SystemExit(f"stopped by {signals.caught or 'another rank'} after step {step}"
                              + (f": checkpoint {path}" if master else "") + "; rerun the same command to resume")
+    progress.close()
     if world > 1:
         dist.barrier()
     return model
@@ -547,9 +550,9 @@ def encode_store(ae_ckpt, frames_dir, out_dir, batch_size=256):
         autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
         t0, done = time.perf_counter(), 0
         mine = sorted(index)[rank::world]
-        for i, key in enumerate(mine):
-            if rank == 0 and i and i % max(1, len(mine) // 10) == 0:
-                print(evaluate.progress(f"encode {out_dir}: videos", i, len(mine), t0), flush=True)
+        progress = data.Progress(f"encode {out_dir}: videos", len(mine), show=rank == 0)
+        for key in mine:
+            progress.update()
             if tokenizer.has_latents(out_dir, key, len(model.grids)):
                 continue
             frames = torch.from_numpy(data.read_frames(frames_dir, key, 0, index[key]))  # (F, H, W, 3) uint8
@@ -558,6 +561,7 @@ def encode_store(ae_ckpt, frames_dir, out_dir, batch_size=256):
             levels = [torch.cat(zl).float().cpu().numpy() for zl in zip(*z)]
             tokenizer.write_latents(out_dir, key, levels, data.read_actions(frames_dir, key))
             done += index[key]
+        progress.close()
         if world > 1:
             dist.barrier()
         if rank == 0:

@@ -1,10 +1,11 @@
 """Tests for data.py: action semantics by hand, the random walk's statistics, the maze's bump rate and
 test-split overlap, byte-identical generation, the stores, and Loopcraft `prepare` with bad inputs."""
 import json
-from dataclasses import replace
 import math
 import os
+import sys
 import time
+from dataclasses import replace
 
 import imageio
 import numpy as np
@@ -333,3 +334,19 @@ def test_interrupted_maze_generation_resumes_video_by_video(tmp_path, monkeypatc
     data.make_maze(str(tmp_path / "resumed"), data.maze_config("tiny", videos=3, frames=40, context=16, workers=1))
     assert sorted(data.load_index(str(tmp_path / "resumed"))) == ["000/000", "000/001", "000/002"]
     assert not (tmp_path / "resumed" / "000" / "004.frames").exists()  # rebuilt, nothing stale kept
+
+
+def test_progress_is_a_bar_on_a_terminal_and_plain_lines_in_a_log(capsys, monkeypatch):
+    progress = data.Progress("work", 20)  # pytest's capture is no terminal: a line every tenth, none at the end
+    for _ in range(20):
+        progress.update()
+    out = capsys.readouterr().out
+    assert out.count("work ") == 9 and "work 10/20 (50%), " in out and "/s, eta 00:00:00" in out
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    progress = data.Progress("work", 20)
+    progress.update(5)
+    progress.write("step 5 | loss 1.0")  # log lines go above the bar
+    progress.close()
+    captured = capsys.readouterr()
+    assert "5/20" in captured.err and "work" in captured.err and "step 5 | loss 1.0" in captured.out
+    assert data.Progress("work", 20, show=False).bar is None  # ranks other than 0 show nothing
