@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+import torch.nn.attention
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
@@ -500,6 +501,14 @@ def bench(cfg, layout, device, batch, iters, rounds=3, compile=False, checkpoint
             sec[name] = min(sec[name], timed(step, iters))
     gpu = torch.cuda.get_device_name() if device == "cuda" else ""
     peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in gpu), None)
+    if device == "cuda":  # the attention kernel: flash where it can run (Hopper, bf16), checked by forcing it
+        q = torch.randn(batch, cfg.heads, tokens, cfg.width // cfg.heads, device=device, dtype=torch.bfloat16)
+        try:
+            with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION):
+                F.scaled_dot_product_attention(q, q, q)
+            print("  attention: the flash kernel runs for these shapes in bf16 (torch picks it first)")
+        except RuntimeError as e:
+            print(f"  attention: NOT flash ({str(e).splitlines()[0]}): memory-efficient or math kernel")
     for name, t in sec.items():
         extra = f", peak memory {memory[name]:.1f} GiB" if name in memory else ""
         extra += f", MFU {100 * train_flops(cfg, batch, tokens) / t / (peak * 1e12):.1f}%" if peak and extra else ""
