@@ -86,7 +86,6 @@ PRESETS["spin"] = PRESETS["tiny"] | dict(steps=2000)  # the memory probe on a CP
 
 
 def ae_config(preset="paper", **overrides):
-    """The named preset's AEConfig with strict `overrides` (data.make_config)."""
     return data.make_config(AEConfig, PRESETS, preset, overrides)
 
 
@@ -207,8 +206,7 @@ def per_token(rows, index=None):
 
 
 class AdaLNBlock(Block):
-    """DiT block with adaLN-Zero: shift, scale and gate from a condition c, per sample (B, D) (the decoder's level)
-    or per token: U rows (U, D) picked by index (B, T), so the Linear runs U times, not B·T."""
+    """adaLN-Zero DiT block: c per sample (B, D), or U rows (U, D) picked by index (B, T): the Linear runs U times."""
     def __init__(self, width, heads, mlp_ratio):
         super().__init__(width, heads, mlp_ratio)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))
@@ -304,12 +302,10 @@ class HierarchicalAutoencoder(nn.Module):
         self.tokens_per_level = [h * w for h, w in self.grids]          # T_l: 256, 64, 16, 4
         self.encoder, self.decoder = Encoder(cfg, self.grids), Decoder(cfg, self.grids)
         self.initialize_weights()
-        # LPIPS (load_lpips) stays outside the module tree: never saved, moved by .to() or put in train mode (dropout)
-        object.__setattr__(self, "lpips", None)
+        object.__setattr__(self, "lpips", None)  # not a submodule: never saved, moved by .to() or put in train mode
 
     @classmethod
     def from_checkpoint(cls, path, device="cpu"):
-        """A checkpoint file's (or a run folder's newest) autoencoder, rebuilt from its stored config; eval mode."""
         ckpt = read_checkpoint(path, "ae")
         model = cls(AEConfig(**ckpt["config"]["model"]))
         model.load_state_dict(ckpt["model"])
@@ -386,8 +382,7 @@ class HierarchicalAutoencoder(nn.Module):
             perceptual = self.lpips.to(x.device)(pred[0], x, normalize=True).mean()
             loss = loss + self.cfg.lpips_weight * perceptual
             stats["lpips"] = perceptual
-        stats["loss"] = loss
-        return loss, {k: v.detach() for k, v in stats.items()}
+        return loss, {k: v.detach() for k, v in (stats | {"loss": loss}).items()}
 
     forward = loss  # calling the model runs the objective, so DistributedDataParallel(model)(x) syncs gradients
 
@@ -403,8 +398,7 @@ def newest_checkpoint(folder):
 
 
 def read_checkpoint(path, stage):
-    """The checkpoint dict (tensors memory-mapped, "path" added) of a file or of a run folder's newest loadable one
-    (an unreadable newer one is named and skipped), checked to be of `stage` ("ae"/"video") and this code's format."""
+    """The checkpoint dict ("path" added) of a file, or of a run folder's newest loadable one; `stage`: "ae"/"video"."""
     files = sorted(glob.glob(os.path.join(path, "ckpt-*.pt")), reverse=True) if os.path.isdir(path) else [path]
     if not files or not os.path.isfile(files[0]):
         raise FileNotFoundError(f"{path}: no checkpoint there; train it first (python train.py --stage {stage})")
@@ -424,7 +418,6 @@ def read_checkpoint(path, stage):
 
 
 def sha256(path):
-    """Content hash of a file: which autoencoder checkpoint made a latent store (provenance)."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 24), b""):
@@ -465,8 +458,7 @@ def read_latents(root, key, level, start, stop):
     return z
 
 
-# the authors' released weights (Hugging Face charatan/millivid, never downloaded here): their names -> ours, the first
-# matching prefix wins; the architecture is the same to the cell
+# the authors' weights (Hugging Face charatan/millivid): their key prefix -> ours, first match wins; same architecture
 OFFICIAL_AE = [("encoder.transformer.blocks.", "encoder.blocks."), ("encoder.patchify.", "encoder.patch_embed.proj."),
                ("encoder.level_embedding.", "encoder.level_embed."), ("encoder.bottleneck.", "encoder.bottleneck."),
                ("decoder.transformer.blocks.", "decoder.blocks."), ("decoder.unbottleneck.", "decoder.in_proj."),
@@ -504,9 +496,8 @@ def load_official(module, state, rules, skip=(), name="checkpoint"):
 
 
 def from_official(source, cfg=None):
-    """The authors' autoencoder in our HierarchicalAutoencoder (cfg: ae_config("paper") by default). From their
-    autoencoder checkpoint (autoencoder_3zg3ovzdhnun_128000.ckpt): encoder and decoder, their LPIPS (`lpips.*`, a
-    training loss) left out. From a video checkpoint (`dit.*`) holding a copy of it: the decoder only (no encode())."""
+    """The authors' autoencoder from their autoencoder_3zg3ovzdhnun_128000.ckpt (its training loss, `lpips.*`, left
+    out), or only its decoder (no encode()) from a video checkpoint (`dit.*`) that holds a copy of it."""
     state = official_state_dict(source)
     model = HierarchicalAutoencoder(cfg or ae_config("paper"))
     if not any(k.startswith("encoder.") for k in state):
