@@ -2,9 +2,8 @@
 
 Loopcraft (§4): 1024-frame Minecraft videos of an agent running forward with random 90° turns, biased to pairs and
 quartets so it keeps coming back; its test set (App. A.1) keeps action sequences whose late path revisits the context.
-Here: the frame store every stage reads (per video: packed PNGs, (frames, 6) poses); `prepare` (released Loopcraft
--> it); the maze (Loopcraft's walk and test selection, and the memory probe's scripted walks, in a ray-cast grid
-world); the top-down map and video writer of `show` and evaluate.py; atomic writes.
+Here: the frame store every stage reads (per video: packed PNGs, (frames, 6) poses); `prepare` (Loopcraft -> it); the
+maze (Loopcraft's walk and test selection, memory-probe walks, in a ray-cast grid world); maps, videos, atomic writes.
 
 Poses, the maze's as Loopcraft's, are MineRL's [action, x, y, z, yaw, pitch]: action 0 forward, 1 left, 2 right; y up,
 the ground (x, z); yaw in degrees, 0 facing +z, facing (-sin yaw, cos yaw), a right turn adding 10°. In the maze x is
@@ -51,16 +50,14 @@ class MazeConfig:
     lowest: int = 10           # ... one picked uniformly among this many lowest-Chamfer ones
     pool: int = 10             # test videos are the farthest-travelled 1/pool of pool·test_videos (10,000 -> 1,000)
     fov: float = 70.0          # horizontal = vertical field of view, degrees (Minecraft's default 70)
-    walk: str = "loopcraft"    # loopcraft | spin (one turn direction held: 360° = 36 frames) | revisit (out
-                               # `leg` cells, turn back, return, turn: a view comes back every 18·leg + 36 frames)
-    leg: int = 8               # revisit: cells walked out before turning back (memory probe, evaluate.py)
+    walk: str = "loopcraft"    # loopcraft | spin (one turn direction held: 360° = 36 frames) | revisit (memory probe)
+    leg: int = 8               # revisit: `leg` cells out, turn back, return, turn: views recur every 18·leg + 36 frames
     seed: int = 0                 # worlds and walks are a pure function of (seed, split, video)
     workers: int = os.cpu_count() or 1   # generation processes (the bytes do not depend on it)
 
     def __post_init__(self):
         if self.walk not in ("loopcraft", "spin", "revisit") or self.leg < 1:
-            raise ValueError(f"MazeConfig: walk={self.walk!r}, leg={self.leg}: expected loopcraft, spin or revisit "
-                             "and leg >= 1")
+            raise ValueError(f"MazeConfig: walk={self.walk!r}, leg={self.leg}: expected loopcraft|spin|revisit, leg>=1")
 
 
 # The evaluated split of a video, [context, frames), is stated here only: evaluate.py and rollout.py read it.
@@ -76,11 +73,9 @@ def maze_config(preset: str = "paper", **overrides) -> MazeConfig:
 
 
 # ------------------------------------------ settings: the one strict --key=value mechanism of every config
-
 def make_config(cls, presets: dict, preset: str, overrides: dict):
-    """The dataclass `cls` with presets[preset], then `overrides` (typed, an int passing for a float, or
-    command-line text parsed by the field's type). Strict: an unknown preset or key or a wrong type is a
-    ValueError naming it. Every config of every stage is made here."""
+    """The dataclass `cls` with presets[preset], then `overrides` (typed, an int passing for a float, or command-line
+    text parsed by the field's type). Strict: an unknown preset or key or a wrong type is a ValueError naming it."""
     name, defaults = cls.__name__, {f.name: f.default for f in fields(cls)}
     if preset not in presets:
         raise ValueError(f"{name}: unknown preset {preset!r}; expected one of {', '.join(presets)}")
@@ -89,24 +84,17 @@ def make_config(cls, presets: dict, preset: str, overrides: dict):
         if key not in defaults:
             raise ValueError(f"{name}: unknown key {key!r}; expected one of {', '.join(defaults)}")
         like = defaults[key]
-        if isinstance(value, str) and not isinstance(like, str):
-            value = _parse(value, like)
+        if isinstance(value, str) and isinstance(like, bool):
+            value = {"true": True, "1": True, "false": False, "0": False}.get(value.lower(), value)
+        elif isinstance(value, str) and not isinstance(like, str):
+            with contextlib.suppress(ValueError):   # unparsable text stays text, and fails the type check below
+                value = tuple(type(like[0] if like else 0)(v) for v in value.split(",") if v) \
+                    if isinstance(like, tuple) else type(like)(value)               # "3,12,48" for a tuple
         if not (type(value) is type(like) or (type(like) is float and type(value) is int)):
             kind = "bool (true/false)" if isinstance(like, bool) else type(like).__name__
             raise ValueError(f"{name}: {key}={value!r} should be of type {kind}")
         typed[key] = value
     return cls(**{**presets[preset], **typed})
-
-
-def _parse(text: str, like):
-    """Command-line text as the type of `like` ("3,12,48" for a tuple); unparsable text stays text."""
-    if isinstance(like, bool):
-        return {"true": True, "1": True, "false": False, "0": False}.get(text.lower(), text)
-    try:
-        return tuple(type(like[0] if like else 0)(v) for v in text.split(",") if v) \
-            if isinstance(like, tuple) else type(like)(text)
-    except ValueError:
-        return text
 
 
 def parse_overrides(argv: list[str]) -> dict[str, str]:
@@ -122,21 +110,17 @@ def parse_overrides(argv: list[str]) -> dict[str, str]:
 
 
 # ------------------------------------------------- actions and the random walk (§4, App. A.1)
-
 FORWARD, LEFT, RIGHT = 0, 1, 2
-HOLD = 9                        # every chosen action is held for 9 frames
-TURN = 10                       # degrees of yaw per turn frame, so a held turn is 90°
+HOLD, TURN = 9, 10              # every action is held 9 frames; a turn frame adds 10° of yaw: a held turn is 90°
 TURN_COUNTS, TURN_P = np.array([1, 2, 3, 4]), [0.1, 0.3, 0.1, 0.5]
-# Positions are integers in 1/18 of a cell: cell i spans [18i, 18i+18), its centre is 18i+9, and one
-# forward frame moves STEP = 2 units, so a held forward (9 frames) crosses exactly one cell, exactly.
+# Positions: integer units of 1/18 cell (cell i: [18i, 18i+18)), so a held forward (9 STEPs of 2) is exactly one cell.
 UNIT, STEP, RADIUS = 18, 2, 4   # RADIUS: how far ahead of the eye the body reaches (a wall stops it)
 EYE, WALL = 0.5, 2.5            # eye height and wall height in cells: tall walls fill the view like trees
 
 
 def bundle(rng: np.random.Generator) -> list[int]:
-    """One Loopcraft bundle, not yet held: k turns (p = [.1, .3, .1, .5]) all in one direction and
-    m ~ U{k .. 3k-1} forwards, shuffled together, after one extra forward. Mean 1 + 5.5 forwards and
-    3 turns, so 6.5 / 9.5 = 68% of frames are forward."""
+    """One Loopcraft bundle, not yet held: k turns (p = [.1, .3, .1, .5]) all in one direction and m ~ U{k .. 3k-1}
+    forwards, shuffled, after one extra forward. Mean 1 + 5.5 forwards, 3 turns: 6.5 / 9.5 = 68% of frames forward."""
     k = int(rng.choice(TURN_COUNTS, p=TURN_P))
     m = int(rng.integers(k, 3 * k))
     turns = [int(rng.integers(LEFT, RIGHT + 1))] * k
@@ -155,10 +139,8 @@ def random_walk(rng: np.random.Generator, frames: int, n: int = 1) -> np.ndarray
 
 
 # --------------------------------- the maze world: cells 0 = floor, 1..8 = wall type (base colour + texture)
-
-# PALETTE[v] is the base colour of world value v (0 = floor, 1..8 = walls); the last row is the ceiling.
-# Wall hues are far apart, and textures and shading only scale brightness, so a pixel's chromaticity
-# tells its wall type (what coarse latent levels should keep); the pattern is what fine levels add.
+# PALETTE[v]: world value v's base colour, then the ceiling's. Wall hues are far apart and textures and shading only
+# scale brightness, so chromaticity tells the wall type (what coarse latent levels keep); fine levels add the pattern.
 PALETTE = np.array([[110, 100, 90], [220, 50, 50], [235, 140, 30], [225, 215, 40], [60, 190, 60], [40, 200, 200],
                     [50, 90, 230], [150, 70, 220], [230, 70, 180], [200, 200, 210]], np.uint8)
 TEX = 8                                             # texels per wall face side
@@ -184,9 +166,8 @@ def make_world(rng: np.random.Generator, n: int, density: float) -> np.ndarray:
 
 def start_state(rng: np.random.Generator, world: np.ndarray) -> tuple[int, int, int]:
     """(x, z, yaw), x, z in units: the centre of a random floor cell in the middle half, 4 neighbours free."""
-    n = len(world)
+    n, free = len(world), world == 0
     x, z = np.mgrid[:n, :n]                         # x the row, z the column
-    free = world == 0
     ok = free & (abs(x - n / 2) < n / 4) & (abs(z - n / 2) < n / 4)
     ok[1:-1, 1:-1] &= free[:-2, 1:-1] & free[2:, 1:-1] & free[1:-1, :-2] & free[1:-1, 2:]
     cells = np.argwhere(ok)
@@ -197,9 +178,8 @@ def start_state(rng: np.random.Generator, world: np.ndarray) -> tuple[int, int, 
 
 
 def simulate(world: np.ndarray, actions: np.ndarray, start: tuple[int, int, int]) -> np.ndarray:
-    """Poses (n, frames, 6) float32 [action, x, y, z, yaw, pitch] (module docstring: x the row, z the column of
-    `world`) of action sequences (n, frames) from `start` (x, z in units, yaw). Frame t is observed after action t.
-    A forward frame moves 1/9 cell along (-sin yaw, cos yaw) unless the body would enter a wall."""
+    """Poses (n, frames, 6) float32 of action sequences (n, frames) from `start` (x, z in units, yaw); frame t is seen
+    after action t. A forward frame moves 1/9 cell along (-sin yaw, cos yaw) unless the body would enter a wall."""
     x0, z0, yaw0 = start
     n, frames = actions.shape
     yaw = (yaw0 + TURN * np.cumsum((actions == RIGHT).astype(np.int64) - (actions == LEFT), 1)) % 360  # right adds
@@ -237,7 +217,6 @@ def path_stats(poses: np.ndarray) -> dict:
 
 
 # ------------------------------------ first-person ray casting: one ray per image column, all frames at once
-
 @lru_cache(maxsize=8)
 def _lut(size: int) -> np.ndarray:
     """Colour table: (type, side, v, u) wall texels, then one floor/ceiling colour per image row."""
@@ -272,22 +251,20 @@ def render(world: np.ndarray, poses: np.ndarray, size: int, fov: float = 70.0, f
     sz, sx = np.where(rdz < 0, -1, 1), np.where(rdx < 0, -1, 1)
     tz = np.where(rdz < 0, pz - mz, mz + 1 - pz) * ddz               # ray length to the next z line
     tx = np.where(rdx < 0, px - mx, mx + 1 - px) * ddx
-    ray = np.arange(n * size)
-    dist, wall, xside, face = (np.empty(n * size, t) for t in (np.float64, np.int64, bool, np.int64))
+    ray, dist, face = np.arange(n * size), np.empty(n * size), np.empty(n * size, np.int64)
     while ray.size:                                 # DDA: step to the nearer grid line until a wall
         across_z = tz < tx
         t = np.where(across_z, tz, tx)
         mz, mx = mz + np.where(across_z, sz, 0), mx + np.where(across_z, 0, sx)
         tz, tx = tz + np.where(across_z, ddz, 0), tx + np.where(across_z, 0, ddx)
-        cell = world[mx, mz]
-        hit = cell > 0
-        dist[ray[hit]], wall[ray[hit]], xside[ray[hit]] = t[hit], cell[hit], ~across_z[hit]
+        hit = world[mx, mz] > 0
+        dist[ray[hit]] = t[hit]
         face[ray[hit]] = ((mx * world.shape[1] + mz) * 4 + np.where(across_z, sz < 0, 2 + (sx < 0)))[hit]
         ray, mz, mx, tz, tx, ddz, ddx, sz, sx = (a[~hit] for a in (ray, mz, mx, tz, tx, ddz, ddx, sz, sx))
+    wall, xside = world.ravel()[face // 4].astype(np.int64), face % 4 >= 2   # the face tells type and side
     # texture column u: where along the face the ray hit, mirrored so u runs left to right on screen
     along = np.where(xside, pz + dist * rdz, px + dist * rdx)
-    u = along - np.floor(along)
-    u = np.where(np.where(xside, rdx < 0, rdz > 0), 1 - u, u)
+    u = np.where(np.where(xside, rdx < 0, rdz > 0), 1 - along % 1, along % 1)
     base = ((wall - 1) * 2 + xside) * TEX * TEX + np.minimum(u * TEX, TEX - 1).astype(np.int64)
     # a row at yc pixels below the horizon sees height EYE - yc · dist · 2f / size on the wall plane;
     # v = WALL - that height counts cells down from the wall top, the wall is where 0 <= v < WALL
@@ -301,7 +278,6 @@ def render(world: np.ndarray, poses: np.ndarray, size: int, fov: float = 70.0, f
 
 
 # --------------------------------- frame store: KEY.frames = uint64 offsets[frames + 1], PNGs; KEY.npy poses
-
 def atomic_write(path: str, write) -> None:
     """write(tmp) to a temporary name beside `path`, then rename: a killed job leaves no valid-looking file. Every
     file of every stage is written here; tmp keeps the extension (np.save, ffmpeg, matplotlib, PIL choose by it)."""
@@ -361,10 +337,9 @@ def read_frames(root: str, key: str, start: int = 0, stop: int | None = None) ->
         off = np.frombuffer(fh.read(8 * (stop - start + 1)), "<u8").astype(np.int64)
         fh.seek(off[0])
         blob = fh.read(off[-1] - off[0])
-    off -= off[0]
     try:
         return np.stack([np.asarray(Image.open(io.BytesIO(blob[a:b])).convert("RGB"))
-                         for a, b in zip(off[:-1], off[1:])])
+                         for a, b in zip(off[:-1] - off[0], off[1:] - off[0])])   # offsets within the blob
     except (OSError, ValueError) as e:              # a corrupt or truncated store
         raise ValueError(f"{root}/{key}.frames: frames [{start}, {stop}) are not readable PNGs ({e})") from None
 
@@ -384,11 +359,9 @@ def load_world(root: str, key: str) -> np.ndarray | None:
 
 
 # ---------------------------------- maze generation: plan (world, actions, real path), then render and write
-
 def _plan(cfg: MazeConfig, split: str, i: int):
-    """(world, poses (frames, 6), Chamfer) of train video or test candidate i, seeded by (seed, split, i). A test
-    candidate simulates cfg.candidates walks (with collisions; the paper integrates a collision-free plane) and
-    picks one of the cfg.lowest lowest Chamfer (App. A.1). Scripted walks: one walk, one random turn direction."""
+    """(world, poses (frames, 6), Chamfer) of train video or test candidate i. A test candidate simulates cfg.candidates
+    walks (with collisions; the paper integrates a collision-free plane), picks one of the cfg.lowest lowest Chamfer."""
     rng = np.random.default_rng([cfg.seed, ("train", "test").index(split), i])
     world = make_world(rng, cfg.world, cfg.density)
     start = start_state(rng, world)
@@ -410,9 +383,8 @@ def _write_maze_video(out: str, key: str, cfg: MazeConfig, world: np.ndarray, po
 
 
 class Progress:
-    """Progress of long work (`total` items): on a terminal, a live tqdm bar (position, rate, ETA); in a log, a plain
-    line every `every` items: "what n/total (p%), rate/s, eta h:mm:ss" (every=0: only where the caller prints).
-    show=False (another rank than 0): nothing."""
+    """Progress of `total` items: on a terminal a live tqdm bar (position, rate, ETA); in a log, every `every` items, a
+    line "what n/total (p%), rate/s, eta h:mm:ss" (every=0: the caller prints line()); show=False (rank > 0): none."""
     def __init__(self, what: str, total: int, every: int | None = None, show: bool = True):
         self.what, self.total, self.done, self.start = what, total, 0, time.perf_counter()
         self.every = (max(1, total // 10) if every is None else every) if show else 0
@@ -442,29 +414,25 @@ class Progress:
 
 def _map(fn, jobs: list[tuple], workers: int, what: str = "") -> list:
     """[fn(*job) for job in jobs], across `workers` processes when > 1, in tenths; `what`: show progress."""
-    out, progress = [], Progress(what, len(jobs)) if what else None
+    out, progress = [], Progress(what, len(jobs), show=bool(what))
     with Pool(workers) if workers > 1 else contextlib.nullcontext() as pool:
         for part in np.array_split(np.arange(len(jobs)), min(10, len(jobs)) or 1):
             out += pool.starmap(fn, [jobs[i] for i in part]) if pool else [fn(*jobs[i]) for i in part]
-            if progress:
-                progress.update(len(part))
-    if progress:
-        progress.close()
+            progress.update(len(part))
+    progress.close()
     return out
 
 
 def make_maze(out: str, cfg: MazeConfig, split: str = "train") -> dict:
-    """Write a maze frame store to `out`, resumably: meta.json (the settings) first, each video unless a rerun
-    finds its files complete, index.json last; a store begun with other settings, or before the poses followed
-    MineRL's convention, is rebuilt, saying so. Train: cfg.videos walks. Test: of cfg.pool · cfg.test_videos
-    loop-biased candidates, the cfg.test_videos that covered the most distance (drops stuck agents, App. A.1)."""
+    """Write a maze frame store to `out`, resumably: meta.json (the settings) first, each video unless a rerun finds its
+    files complete, index.json last; a store begun with other settings or pre-MineRL poses is rebuilt, saying so."""
     if split not in ("train", "test") or not 0 < cfg.context < cfg.frames:
         raise ValueError(f"split {split!r}, context {cfg.context}: expected 'train' or 'test', 0 < context < frames")
     Path(out, "index.json").unlink(missing_ok=True)    # rewriting a store: unmark it first
     n = cfg.videos if split == "train" else cfg.test_videos
     plans = _map(_plan, [(cfg, split, i) for i in range(n if split == "train" else cfg.pool * n)], cfg.workers,
                  f"{out}: planning walks")
-    if split == "test":
+    if split == "test":                             # the farthest-travelled: drops stuck agents (App. A.1)
         far = np.argsort([-path_stats(p)["distance"] for _, p, _ in plans], kind="stable")[:n]
         plans = [plans[i] for i in sorted(far)]
     keys = [f"{i // 1000:03d}/{i % 1000:03d}" for i in range(n)]    # Loopcraft's key of video i
@@ -484,7 +452,6 @@ def make_maze(out: str, cfg: MazeConfig, split: str = "train") -> dict:
 
 
 # ---------------------- Loopcraft: the released layout (index.json, NNN/MMM.mp4, NNN/MMM.npy) -> frame store
-
 def _prepare_one(src: str, dst: str, key: str, count: int) -> tuple[int, int]:
     mp4, npy = os.path.join(src, f"{key}.mp4"), os.path.join(src, f"{key}.npy")
     if missing := [path for path in (mp4, npy) if not os.path.isfile(path)]:
@@ -525,7 +492,6 @@ def prepare(src: str, dst: str, workers: int = 2) -> dict[str, int]:
 
 
 # ------------------------------------------------------------------------------------------- maps and `show`
-
 def draw_map(world: np.ndarray | None, poses: np.ndarray, split: int, size: int) -> np.ndarray:
     """Top-down map (size, size, 3) uint8 of the ground (x, z) as Minecraft's map shows it, x (east) right, z
     (south) down: the maze's world cells in PALETTE colours (Loopcraft, world None: grey, fitted to the path), the
@@ -566,18 +532,16 @@ def show(root: str, key: str, out: str, side: int = 256) -> None:
     """The video next to the map (PNG: 8 moments; GIF/MP4: every frame)."""
     frames, poses, world = read_frames(root, key), read_actions(root, key), load_world(root, key)
     split = json.loads(Path(root, "meta.json").read_text()).get("context", 256)  # where the path changes colour
-
-    def panel(t):
-        view = np.asarray(Image.fromarray(frames[t]).resize((side, side), Image.NEAREST))
-        return np.concatenate([view, draw_map(world, poses[:t + 1], split, side)], 1)  # (side, 2·side, 3)
-    if not out.lower().endswith(".png"):
-        return write_video(out, [panel(t) for t in range(len(frames))])
-    sheet = np.concatenate([panel(t) for t in np.linspace(0, len(frames) - 1, 8).round().astype(int)], 0)
-    atomic_write(out, lambda tmp: Image.fromarray(sheet).save(tmp))
+    png = out.lower().endswith(".png")
+    moments = np.linspace(0, len(frames) - 1, 8).round().astype(int) if png else range(len(frames))
+    panels = [np.concatenate([np.asarray(Image.fromarray(frames[t]).resize((side, side), Image.NEAREST)),
+                              draw_map(world, poses[:t + 1], split, side)], 1) for t in moments]  # (side, 2·side, 3)
+    if not png:
+        return write_video(out, panels)
+    atomic_write(out, lambda tmp: Image.fromarray(np.concatenate(panels, 0)).save(tmp))
 
 
 def bench(cfg: MazeConfig) -> None:
-    """Print rendering frames/s on one core, end-to-end generation throughput, random frame reads/s."""
     plans = [_plan(cfg, "train", i) for i in range(4)] * 3
     t, c = time.perf_counter(), time.process_time()  # CPU time too: the machine may be shared
     n = sum(len(render(w, p, cfg.size, cfg.fov)) for w, p, _ in plans)
