@@ -23,10 +23,8 @@ import json
 import math
 import os
 import signal
-import socket
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +40,7 @@ import rollout
 import tokenizer
 
 
-@dataclass
+@dataclasses.dataclass
 class RunConfig:
     out: str = ""          # this stage's output folder ("" = runs/<preset>/<stage name>)
     data: str = ""         # input store: frames for ae/encode, latents for video ("" = the preset's)
@@ -58,19 +56,16 @@ class RunConfig:
     compile: bool = True   # torch.compile the model on CUDA (not on CPUs: compiling there costs more than it saves)
 
     def __post_init__(self):
-        for name in ("log_every", "image_every", "ckpt_every", "keep"):
+        for name in ("log_every", "image_every", "ckpt_every", "keep", "grad_accum"):
             if getattr(self, name) < 1:
                 raise ValueError(f"RunConfig.{name} = {getattr(self, name)}: expected >= 1")
-        if self.grad_accum < 1:
-            raise ValueError(f"RunConfig.grad_accum = {self.grad_accum}: expected >= 1")
         if self.workers < 0 or not 0 <= self.holdout < 1:
             raise ValueError(f"RunConfig: workers = {self.workers} (expected >= 0), holdout = {self.holdout} "
                              "(expected in [0, 1))")
 
 
-# logging / checkpoint cadence per preset; `tiny` loads data in-process (CPU tests)
-PRESETS = {"paper": {}, "toy": dict(image_every=500, ckpt_every=500),
-           "tiny": dict(log_every=10, image_every=100, ckpt_every=100, workers=0),
+PRESETS = {"paper": {}, "toy": dict(image_every=500, ckpt_every=500),  # logging / checkpoint cadence per preset
+           "tiny": dict(log_every=10, image_every=100, ckpt_every=100, workers=0),  # data in-process (CPU tests)
            "spin": dict(log_every=100, image_every=500, ckpt_every=500, workers=0)}
 
 
@@ -78,23 +73,26 @@ def run_config(preset="paper", **overrides):
     return data.make_config(RunConfig, PRESETS, preset, overrides)
 
 
-# ----------------------------------------------------------------------------- command line
-
 def parse_command(argv):
-    """`--stage ae --preset toy --lr=3e-4 ...` -> (stage, preset, {key: text})."""
-    if {"-h", "--help"} & set(argv):
-        print_help(data.parse_overrides([a for a in argv if a not in ("-h", "--help")]).get("preset", "toy"))
-        raise SystemExit(0)
-    args = data.parse_overrides(argv)
+    """`--stage ae --preset toy --lr=3e-4 ...` -> (stage, preset, {key: text}); --help lists every setting."""
+    args = data.parse_overrides([a for a in argv if a not in ("-h", "--help")])
     stage, preset = args.pop("stage", None), args.pop("preset", "toy")
-    if stage not in ("ae", "encode", "video", "all"):  # (an unknown preset: each config's maker names it)
-        raise SystemExit("--stage must be one of ae, encode, video, all")
-    return stage, preset, args
+    if not {"-h", "--help"} & set(argv):
+        if stage not in ("ae", "encode", "video", "all"):  # (an unknown preset: each config's maker names it)
+            raise SystemExit("--stage must be one of ae, encode, video, all")
+        return stage, preset, args
+    print(__doc__ + f"\nPresets: {', '.join(PRESETS)}. Settings with their --preset {preset} values (--stage all: "
+          "prefix each with its stage, --data.*, --ae.*, --video.*, --eval.*):")
+    for what, make in (("data (data.py)", data.maze_config), ("ae (tokenizer.py)", tokenizer.ae_config),
+                       ("video (diffusion.py)", diffusion.dit_config),
+                       ("video strategy (rollout.py)", rollout.rollout_config),
+                       ("every training stage (train.py)", run_config), ("eval (evaluate.py)", evaluate.eval_config)):
+        print(f"\n{what}:\n{evaluate.describe(make(preset))}")
+    raise SystemExit(0)
 
 
 def build(preset, overrides, makers, flag=""):
-    """{config dataclass: its maker} -> [config]: each --key goes to the one dataclass with that field, then
-    each config is made for the preset; a bad key or value ends the program naming it, before any work."""
+    """{dataclass: its maker} -> [config]: each --key to the one dataclass with that field; a bad one exits, named."""
     parts = {cls: {} for cls in makers}
     for key, value in overrides.items():
         owners = [cls for cls in makers if key in cls.__dataclass_fields__]
@@ -109,19 +107,7 @@ def build(preset, overrides, makers, flag=""):
         raise SystemExit(f"error{f' in --{flag}*' if flag else ''}: {e}") from None
 
 
-def print_help(preset):
-    """--help: the commands, the stages, the presets, and every setting with its default and meaning."""
-    print(__doc__ + f"\nPresets: {', '.join(PRESETS)}. Settings with their --preset {preset} values (--stage all: "
-          "prefix each with its stage, --data.*, --ae.*, --video.*, --eval.*):")
-    for what, make in (("data (data.py)", data.maze_config), ("ae (tokenizer.py)", tokenizer.ae_config),
-                       ("video (diffusion.py)", diffusion.dit_config),
-                       ("video strategy (rollout.py)", rollout.rollout_config),
-                       ("every training stage (train.py)", run_config), ("eval (evaluate.py)", evaluate.eval_config)):
-        print(f"\n{what}:\n{evaluate.describe(make(preset))}")
-
-
-# ----------------------------------------------------------------------------- setup
-
+# ----------------------------------------------------------------------------- setup; faults: one writer, signals
 def setup():
     """DDP when launched by torchrun, else one process on the best device. Returns (rank, world, device)."""
     if "RANK" not in os.environ:
@@ -145,16 +131,14 @@ def seed_step(seed, rank, step):
 def make_optimizers(model, lr, weight_decay):
     """Muon for exactly the 2-D weights of nn.Linear layers, AdamW for everything else (App. A.2)."""
     muon_params = [m.weight for m in model.modules() if isinstance(m, nn.Linear)]
-    muon_ids = {id(p) for p in muon_params}
-    adamw_params = [p for p in model.parameters() if id(p) not in muon_ids]
-    return [Muon(muon_params, lr=lr, weight_decay=weight_decay), torch.optim.AdamW(adamw_params, lr=lr,
-                                                                                  weight_decay=weight_decay)]
+    adamw_params = [p for p in model.parameters() if not any(p is q for q in muon_params)]
+    return [Muon(muon_params, lr=lr, weight_decay=weight_decay),
+            torch.optim.AdamW(adamw_params, lr=lr, weight_decay=weight_decay)]
 
 
 class Muon(torch.optim.Optimizer):
     """torch.optim.Muon's update (Nesterov momentum 0.95, 5 quintic Newton-Schulz steps, decoupled weight decay,
-    `match_rms_adamw`: lr · 0.2·sqrt(max(A, B)), AdamW's update RMS, so one lr serves both), with the matrices of
-    one shape orthogonalised as one batch: the paper's DiT steps 65 matrices in 6 batched iterations, not 65."""
+    lr·0.2·sqrt(max(A, B)): `match_rms_adamw`), one batch per matrix shape (paper DiT: 65 matrices, 6 batches)."""
 
     def __init__(self, params, lr, weight_decay, momentum=0.95):
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum))
@@ -177,9 +161,8 @@ class Muon(torch.optim.Optimizer):
 
 
 def newton_schulz(g, steps=5, coefficients=(3.4445, -4.775, 2.0315), eps=1e-7):
-    """Muon's orthogonalisation of a batch of matrices (n, A, B) (torch's quintic iteration): in bfloat16 on a
-    GPU, as torch; in float32 on a CPU, which runs bfloat16 matmuls ~20x slower (torch's way, a 1.6 M-parameter
-    DiT stepped at 0.6/s on a CPU core, 96% of it here; float32: 3.9/s)."""
+    """Muon's orthogonalisation of matrices (n, A, B) (torch's quintic iteration): bfloat16 on a GPU, as torch; float32
+    on a CPU, where bfloat16 matmuls run ~20x slower (a 1.6 M-parameter DiT on a CPU core: 0.6 steps/s, float32 3.9)."""
     a, b, c = coefficients
     x = g.to(torch.bfloat16 if g.is_cuda else torch.float32)
     tall = g.shape[-2] > g.shape[-1]
@@ -196,51 +179,36 @@ def lr_at(step, lr, warmup):
     return lr * min(1.0, (step + 1) / max(1, warmup))
 
 
-def save_checkpoint(out, step, state, keep):
-    """Write (atomically, data.atomic_write) and keep the newest `keep`."""
-    path = os.path.join(out, f"ckpt-{step:08d}.pt")
-    data.atomic_write(path, lambda tmp: torch.save(state, tmp))
-    for old in sorted(glob.glob(os.path.join(out, "ckpt-*.pt")))[:-keep]:
-        os.remove(old)
-    return path
-
-
-# ----------------------------------------------------------------------------- faults: one writer, signals
-
 @contextlib.contextmanager
 def run_lock(folder, hold=True):
-    """One writer per run folder: an exclusive lock on folder/.lock while the block runs, which the OS also
-    releases on any exit (kill -9 included). A second writer is refused, naming the holder. Temporaries
-    left by a killed writer (data.atomic_write's *.tmp<pid>*) are removed: they never look valid, but
-    they take space. hold=False (ranks > 0 of a DDP run): rank 0 holds it for all."""
+    """One writer per run folder: an exclusive lock on folder/.lock while the block runs, which the OS also releases
+    on any exit (kill -9 included); a second writer is refused, naming the holder. A killed writer's temporaries
+    (data.atomic_write's *.tmp<pid>*) are removed. hold=False (ranks > 0 of a DDP run): rank 0 holds it for all."""
     if not hold:
         yield
         return
     os.makedirs(folder, exist_ok=True)
-    handle = open(os.path.join(folder, ".lock"), "a+")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.seek(0)
-        raise SystemExit(f"{folder} is in use by another run ({handle.read().strip() or 'unknown'}); wait for it, "
-                         "or give this run another --out") from None
-    handle.truncate(0)
-    handle.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.ctime()}")
-    handle.flush()
-    for tmp in glob.glob(os.path.join(folder, "**", "*.tmp[0-9]*"), recursive=True):
-        os.remove(tmp)
-    with handle:  # closing it releases the lock
+    with open(os.path.join(folder, ".lock"), "a+") as handle:  # closing it releases the lock
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            raise SystemExit(f"{folder} is in use by another run ({handle.read().strip() or 'unknown'}); wait for it, "
+                             "or give this run another --out") from None
+        handle.truncate(0)
+        handle.write(f"pid {os.getpid()} on {os.uname().nodename}, since {time.ctime()}")
+        handle.flush()
+        for tmp in glob.glob(os.path.join(folder, "**", "*.tmp[0-9]*"), recursive=True):
+            os.remove(tmp)
         yield
 
 
 class Signals:
-    """SIGTERM (a cluster scheduler's warning) and SIGINT (Ctrl-C) set `caught`: the loop finishes its step,
-    writes a checkpoint and exits non-zero. A second signal exits at once. Restores the handlers on exit."""
+    """SIGTERM (a scheduler's warning) or SIGINT (Ctrl-C) sets `caught`: the loop checkpoints its step, exits non-zero;
+    a second signal exits at once. The handlers are restored on exit."""
 
-    def __enter__(self):
-        self.caught, self.previous = None, {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
-        for s in self.previous:
-            signal.signal(s, self.catch)
+    def __enter__(self):  # (signal.signal returns the handler it replaces)
+        self.caught, self.previous = None, {s: signal.signal(s, self.catch) for s in (signal.SIGTERM, signal.SIGINT)}
         return self
 
     def catch(self, signum, frame):
@@ -258,8 +226,7 @@ def ignore_signals(worker_id):  # DataLoader workers: the main process decides w
         signal.signal(s, signal.SIG_IGN)
 
 
-# ----------------------------------------------------------------------------- training data
-
+# ----------------------------------------------------------------------------- training: the data, then the loop
 def split_keys(keys, holdout=0.01, seed=0):
     """Deterministic split: sorted keys, seeded shuffle, a fixed fraction (at least one) held out."""
     keys = sorted(keys)
@@ -288,33 +255,30 @@ class FrameDataset(torch.utils.data.Dataset):
 
 
 class StepBatches(torch.utils.data.Sampler):
-    """Batches of dataset indices as a pure function of the step: epoch e is a seeded permutation,
-    step s takes global batch s mod (batches per epoch), and each rank takes its slice of it.
-    Starting at any step reproduces the straight run's data stream (exact resume)."""
+    """Batches of dataset indices as a pure function of the step (exact resume): epoch e is a seeded permutation,
+    step s takes global batch s mod (batches per epoch), and each rank takes its slice of it."""
 
     def __init__(self, n, batch_size, rank, world, seed, start_step, num_steps, probs=None):
         self.per_epoch = n // (batch_size * world)
         if self.per_epoch == 0:
-            raise SystemExit(f"dataset has {n} items, fewer than one global batch "
-                             f"({batch_size} x {world} ranks): lower --batch_size")
+            raise SystemExit(f"dataset has {n} items, fewer than one global batch ({batch_size} x {world} ranks): "
+                             "lower --batch_size")
         self.n, self.b, self.rank, self.world, self.seed = n, batch_size, rank, world, seed
         self.start, self.stop, self.probs = start_step, num_steps, probs
 
     def __len__(self):
         return self.stop - self.start
 
-    def batch(self, step):
-        """This rank's dataset indices at `step` (one seeded permutation per epoch, cached)."""
+    def batch(self, step):  # this rank's dataset indices at `step`
         epoch = step // self.per_epoch
-        if getattr(self, "_epoch", None) != epoch:
-            self._epoch, self._perm = epoch, torch.randperm(self.n, generator=torch.Generator().manual_seed(
-                self.seed * 7919 + epoch))
+        if getattr(self, "_epoch", None) != epoch:  # one seeded permutation per epoch, cached
+            g = torch.Generator().manual_seed(self.seed * 7919 + epoch)
+            self._epoch, self._perm = epoch, torch.randperm(self.n, generator=g)
         first = (step % self.per_epoch) * self.b * self.world + self.rank * self.b
         return self._perm[first:first + self.b].tolist()
 
     def rollout_steps(self, step):
-        """The rollout step each item of this rank's batch at `step` is trained on, drawn with `probs`
-        (rollout.step_probabilities, §3.2): a pure function of (seed, step, rank) too."""
+        """Each item's rollout step at `step`, drawn with `probs` (§3.2): a pure function of (seed, step, rank) too."""
         g = torch.Generator().manual_seed((self.seed * 1_000_003 + step) * 1_000_003 + self.rank)
         return torch.multinomial(self.probs, self.b, replacement=True, generator=g).tolist()
 
@@ -323,12 +287,9 @@ class StepBatches(torch.utils.data.Sampler):
             yield self.batch(step) if self.probs is None else list(zip(self.batch(step), self.rollout_steps(step)))
 
 
-# ----------------------------------------------------------------------------- the training loop
-
 def train(stage, cfg, run, preset, roll=None):
-    """One training run (stage "ae" with cfg an AEConfig, or "video" with cfg a DiTConfig and roll the
-    RolloutConfig it is trained for), as the only writer of run.out and stopping cleanly on SIGTERM/SIGINT.
-    Returns the trained model (the newest checkpoint in run.out holds the same weights)."""
+    """Stage "ae" (cfg an AEConfig) or "video" (cfg a DiTConfig, roll the RolloutConfig it learns), as run.out's
+    only writer, stopping cleanly on SIGTERM/SIGINT. Returns the model (as the newest checkpoint in run.out)."""
     if not os.path.exists(os.path.join(run.data, "index.json")):  # written last: the store is complete
         raise SystemExit(f"{run.data}: no complete {'frame' if stage == 'ae' else 'latent'} store (no index.json); "
                          f"make it first: python train.py --stage {'all' if stage == 'ae' else 'encode'} ...")
@@ -353,10 +314,8 @@ def train_loop(stage, cfg, run, preset, roll, rank, world, device, signals):
         print(json.dumps(resolved, indent=2))
 
     torch.manual_seed(run.seed)  # the same initial weights on every rank and in every (re)start
-    # data: single random frames for the autoencoder, (video, chunk start) pairs for the video model
-    keys = sorted(data.load_index(run.data))
-    train_keys, val_keys = split_keys(keys, holdout=run.holdout, seed=run.seed)
-    if stage == "ae":
+    train_keys, val_keys = split_keys(data.load_index(run.data), holdout=run.holdout, seed=run.seed)
+    if stage == "ae":  # data: single random frames; for the video model, (video, chunk start) pairs
         dataset = FrameDataset(run.data, train_keys)
         model = tokenizer.HierarchicalAutoencoder(cfg)
         if cfg.lpips_weight > 0:
@@ -364,12 +323,12 @@ def train_loop(stage, cfg, run, preset, roll, rank, world, device, signals):
     else:
         grids = meta["grids"]
         steps, _ = rollout.strategy_steps(roll, grids[0][0] * grids[0][1])
-        chunk = steps[0].selection.shape[1]
-        levels = [0] if roll.dense else list(range(len(steps[0].selection)))  # what a step reads
-        if len(levels) > len(grids):
-            raise SystemExit(f"--strategy={roll.strategy} needs {len(levels)} levels; {run.data} has {len(grids)}")
+        chunk, levels = steps[0].selection.shape[1], 1 if roll.dense else len(steps[0].selection)  # what a step reads
+        if levels > len(grids):
+            raise SystemExit(f"--strategy={roll.strategy} needs {levels} levels; {run.data} has {len(grids)}")
         dataset = rollout.ChunkDataset(run.data, train_keys, chunk, steps, grids, roll.dense)
         model = diffusion.VideoDiT(cfg)
+        model.checkpointing = run.checkpointing
         probs = torch.tensor(rollout.step_probabilities(steps), dtype=torch.float64)
         gathers = [rollout.step_tokens(s, grids, chunk, roll.dense) for s in steps]  # the tokens of each step
         packing = rollout.dense_packing(steps[0], grids) if roll.dense else None  # (its one step's)
@@ -379,8 +338,6 @@ def train_loop(stage, cfg, run, preset, roll, rank, world, device, signals):
     model.to(device)
     if cfg.batch_size % run.grad_accum:
         raise SystemExit(f"--grad_accum={run.grad_accum} must divide the batch size {cfg.batch_size}")
-    if stage == "video":
-        model.checkpointing = run.checkpointing
     if run.compile and device.type == "cuda":  # the DiT; the autoencoder's encoder and decoder (LPIPS stays eager)
         for part in [model] if stage == "video" else [model.encoder, model.decoder]:
             part.compile()
@@ -395,15 +352,13 @@ def train_loop(stage, cfg, run, preset, roll, rank, world, device, signals):
                   f"--grad_accum lower it)")
         if device.type == "cpu" and preset not in ("tiny", "spin"):  # the log lines' ETA will say how long, in hours
             print(f"note: --preset {preset} is sized for a GPU; on this CPU it runs many hours (tiny: minutes)")
-    # DDP only syncs gradients of what runs through forward(): the autoencoder's forward is its loss,
-    # and diffusion.loss calls the wrapped video model
+    # DDP syncs gradients of what runs through forward(): the AE's forward is its loss, diffusion.loss calls the DiT
     wrapped = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
                   broadcast_buffers=False) if world > 1 else model  # our buffers are constant tables
     optimizers = make_optimizers(model, cfg.lr, cfg.weight_decay)
 
-    # resume from the newest loadable checkpoint of this run, if any (tokenizer.read_checkpoint)
-    step = 0
-    if tokenizer.newest_checkpoint(run.out):
+    step, seconds = 0, 0.0  # seconds: training time so far, kept in every checkpoint
+    if tokenizer.newest_checkpoint(run.out):  # resume from the newest loadable one (tokenizer.read_checkpoint)
         ckpt = tokenizer.read_checkpoint(run.out, stage)
         made = ckpt["config"]  # resuming with other settings (more steps aside) would silently mix two runs
         changed = sorted(k for k, v in resolved["model"].items() if k != "steps" and made["model"].get(k) != v)
@@ -414,12 +369,11 @@ def train_loop(stage, cfg, run, preset, roll, rank, world, device, signals):
         model.load_state_dict(ckpt["model"])
         for opt, state in zip(optimizers, ckpt["optimizers"]):
             opt.load_state_dict(state)
-        step = ckpt["step"]
+        step, seconds = ckpt["step"], ckpt.get("seconds", 0.0)
         if master:
             print(f"resumed from {ckpt['path']} at step {step}")
     if master:  # written once the checkpoints are known to agree with it
         data.write_json(os.path.join(run.out, "config.json"), resolved)
-    seconds = ckpt.get("seconds", 0.0) if step else 0.0  # training time so far, kept in every checkpoint
     if step >= cfg.steps:
         return model
 
@@ -432,13 +386,11 @@ def train_loop(stage, cfg, run, preset, roll, rank, world, device, signals):
                 if bad[0] >= 0 else "another rank's batch"
             raise SystemExit(f"non-finite loss or gradient norm at {where}: training stopped; the checkpoints "
                              f"in {run.out} are all from finite steps (inspect that data, then rerun to resume)")
-
     sampler = StepBatches(len(dataset), cfg.batch_size, rank, world, run.seed, step, cfg.steps,
                           None if stage == "ae" else probs)
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=sampler, num_workers=run.workers, pin_memory=device.type == "cuda",
-        persistent_workers=False, generator=torch.Generator(),  # own generator: leave global RNG alone
-        worker_init_fn=ignore_signals)
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=run.workers,
+                                         pin_memory=device.type == "cuda", worker_init_fn=ignore_signals,
+                                         generator=torch.Generator())  # own generator: leave global RNG alone
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     t0, seen, progress = time.time(), 0, data.Progress("steps", cfg.steps - step, every=0, show=master)
     hardware = f"{world} x {torch.cuda.get_device_name(device) if device.type == 'cuda' else device.type}"
@@ -446,11 +398,11 @@ def train_loop(stage, cfg, run, preset, roll, rank, world, device, signals):
     model.train()
     for batch in loader:
         seed_step(run.seed, rank, step)
-        for opt in optimizers:
-            for group in opt.param_groups:
-                group["lr"] = lr_at(step, cfg.lr, cfg.warmup)
+        lr = lr_at(step, cfg.lr, cfg.warmup)
         for opt in optimizers:
             opt.zero_grad(set_to_none=True)
+            for group in opt.param_groups:
+                group["lr"] = lr
         # the whole batch's randomness is drawn first, then each micro-batch takes its slice: N micro-batches of
         # B/N make the same step as one batch of B (each loss weighted by its share of the batch's loss terms)
         if stage == "ae":
@@ -490,26 +442,24 @@ def train_loop(stage, cfg, run, preset, roll, rank, world, device, signals):
         stop = bool(stop) if world > 1 else signals.caught is not None
         if step % run.log_every == 0 or step % run.ckpt_every == 0 or step == cfg.steps or stop:
             check_finite()
-
         if master and (step % run.log_every == 0 or step == cfg.steps):
-            dt = time.time() - t0
             extra = "".join(f" | {k} {v:.4f}" for k, v in stats.items() if k != "loss")
-            progress.write(f"step {step:7d} | loss {loss.item():.5f}{extra} | lr {lr_at(step - 1, cfg.lr, cfg.warmup):.2e}"
-                           f" | grad {grad_norm.item():.3f} | {seen / dt:.1f} {'images' if stage == 'ae' else 'seqs'}"
-                           f"/s | {progress.line()}")
+            progress.write(f"step {step:7d} | loss {loss.item():.5f}{extra} | lr {lr:.2e} | grad {grad_norm.item():.3f}"
+                           f" | {seen / (time.time() - t0):.1f} {'images' if stage == 'ae' else 'seqs'}/s"
+                           f" | {progress.line()}")
             t0, seen = time.time(), 0
         if master and stage == "ae" and (step % run.image_every == 0 or step == cfg.steps):  # Fig. 5-style, held out
             x = tokenizer.spread_frames(run.data, val_keys or train_keys, 4).to(device)
-            with torch.no_grad():
-                images = tokenizer.level_psnr(model.eval(), x)[1]
+            images = tokenizer.level_psnr(model.eval(), x)[1]  # (without gradients)
             model.train()
             tokenizer.save_levels_image(os.path.join(run.out, f"recon-{step:08d}.png"), x, images)
         if master and (step % run.ckpt_every == 0 or step == cfg.steps or stop):
-            path = save_checkpoint(run.out, step, {"model": model.state_dict(), "step": step,
-                                                   "optimizers": [o.state_dict() for o in optimizers],
-                                                   "config": resolved, "device": hardware,
-                                                   "seconds": seconds + time.perf_counter() - progress.start},
-                                   run.keep)
+            state = {"model": model.state_dict(), "step": step, "optimizers": [o.state_dict() for o in optimizers],
+                     "config": resolved, "device": hardware, "seconds": seconds + time.perf_counter() - progress.start}
+            path = os.path.join(run.out, f"ckpt-{step:08d}.pt")
+            data.atomic_write(path, lambda tmp: torch.save(state, tmp))  # never a half-written checkpoint
+            for old in sorted(glob.glob(os.path.join(run.out, "ckpt-*.pt")))[:-run.keep]:  # keep the newest run.keep
+                os.remove(old)
         if stop:
             if world > 1:
                 dist.barrier()
@@ -521,14 +471,11 @@ def train_loop(stage, cfg, run, preset, roll, rank, world, device, signals):
     return model
 
 
-# ----------------------------------------------------------------------------- the encode stage
-
+# ----------------------------------------------------------------------------- the stages: encode, then all of them
 @torch.no_grad()
 def encode_store(ae_ckpt, frames_dir, out_dir, batch_size=256):
-    """Encode every frame of every video to all levels and write the latent store (stage "encode").
-    Videos are split across ranks. meta.json, written first, names the autoencoder by content hash: a
-    video already encoded by this very autoencoder is skipped (resumable), a store made by another one is
-    re-encoded from scratch. index.json, written last, marks the store complete."""
+    """Stage "encode", videos split across ranks. meta.json (written first) names the autoencoder by content hash:
+    videos it encoded are skipped (resumable), another's store is re-encoded; index.json (written last) ends it."""
     rank, world, device = setup()
     model = tokenizer.HierarchicalAutoencoder.from_checkpoint(ae_ckpt, device)
     index, meta_path = data.load_index(frames_dir), os.path.join(out_dir, "meta.json")
@@ -547,18 +494,16 @@ def encode_store(ae_ckpt, frames_dir, out_dir, batch_size=256):
             data.write_json(meta_path, meta)
         if world > 1:
             dist.barrier()
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-        t0, done = time.perf_counter(), 0
-        mine = sorted(index)[rank::world]
+        t0, done, mine = time.perf_counter(), 0, sorted(index)[rank::world]
         progress = data.Progress(f"encode {out_dir}: videos", len(mine), show=rank == 0)
         for key in mine:
             progress.update()
             if tokenizer.has_latents(out_dir, key, len(model.grids)):
                 continue
             frames = torch.from_numpy(data.read_frames(frames_dir, key, 0, index[key]))  # (F, H, W, 3) uint8
-            with autocast:  # a batch of frames at a time -> per level (F, T_l, C)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):  # a batch at a time
                 z = [model.encode(x.to(device).permute(0, 3, 1, 2).float() / 255) for x in frames.split(batch_size)]
-            levels = [torch.cat(zl).float().cpu().numpy() for zl in zip(*z)]
+            levels = [torch.cat(zl).float().cpu().numpy() for zl in zip(*z)]  # per level (F, T_l, C)
             tokenizer.write_latents(out_dir, key, levels, data.read_actions(frames_dir, key))
             done += index[key]
         progress.close()
@@ -569,30 +514,21 @@ def encode_store(ae_ckpt, frames_dir, out_dir, batch_size=256):
             print(f"encoded {done} frames into {out_dir} in {time.perf_counter() - t0:.1f}s")
 
 
-# ----------------------------------------------------------------------------- stages
-
-def prefixed(overrides, prefix):
-    """For --stage all: `--ae.steps=100` goes to the ae stage, `--video.lr=1e-4` to every video model."""
-    return {k[len(prefix) + 1:]: v for k, v in overrides.items() if k.startswith(prefix + ".")}
-
-
 def stage_configs(stage, preset, overrides, root, flag=""):
-    """A stage's configs: the preset's defaults, then the strict overrides (build), before any work."""
+    """A stage's (ae, encode, video) configs: the preset's defaults, then the strict overrides (build)."""
     if stage == "ae":
         return build(preset, {"out": f"{root}/ae", "data": f"{root}/data/train", **overrides},
                      {tokenizer.AEConfig: tokenizer.ae_config, RunConfig: run_config}, flag)
     if stage == "encode":  # (--ae=PATH picks the autoencoder checkpoint)
         return build(preset, {"out": f"{root}/latents", "data": f"{root}/data",
                               **{k: v for k, v in overrides.items() if k != "ae"}}, {RunConfig: run_config}, flag)
-    if stage == "video":
-        if "dense" in overrides:
-            raise SystemExit(f"--{flag}dense is set by --strategy (framepack: the dense baseline); do not pass it")
-        makers = {diffusion.DiTConfig: diffusion.dit_config, rollout.RolloutConfig: rollout.rollout_config,
-                  RunConfig: run_config}
-        cfg, roll, run = build(preset, {"data": f"{root}/latents/train", **overrides}, makers, flag)
-        cfg = dataclasses.replace(cfg, dense=roll.dense)  # the input stage the strategy needs
-        return cfg, roll, dataclasses.replace(run, out=run.out or f"{root}/video-{roll.strategy}")
-    return build(preset, {"root": root, **overrides}, {evaluate.EvalConfig: evaluate.eval_config}, flag)  # eval
+    if "dense" in overrides:  # video
+        raise SystemExit(f"--{flag}dense is set by --strategy (framepack: the dense baseline); do not pass it")
+    makers = {diffusion.DiTConfig: diffusion.dit_config, rollout.RolloutConfig: rollout.rollout_config,
+              RunConfig: run_config}
+    cfg, roll, run = build(preset, {"data": f"{root}/latents/train", **overrides}, makers, flag)
+    cfg = dataclasses.replace(cfg, dense=roll.dense)  # the input stage the strategy needs
+    return cfg, roll, dataclasses.replace(run, out=run.out or f"{root}/video-{roll.strategy}")
 
 
 def run_stage(stage, preset, overrides, root):
@@ -600,56 +536,49 @@ def run_stage(stage, preset, overrides, root):
     configs = stage_configs(stage, preset, overrides, root)
     if stage == "ae":
         return train("ae", *configs, preset)
-    if stage == "encode":
-        # --data is one frame store, or a folder of split stores (train/, test/) encoded side by side
+    if stage == "encode":  # --data is one frame store, or a folder of split stores (train/, test/) encoded side by side
         ae, (run,) = overrides.get("ae") or tokenizer.newest_checkpoint(f"{root}/ae"), configs
         if not ae:
             raise SystemExit(f"no autoencoder checkpoint in {root}/ae: run --stage ae first or pass --ae=PATH")
-        if not any(os.path.exists(f"{d}/index.json") for d in (run.data, f"{run.data}/train", f"{run.data}/test")):
+        stores = [s for s in ("", "/train", "/test") if os.path.exists(f"{run.data}{s}/index.json")]
+        if not stores:
             raise SystemExit(f"{run.data}: no complete frame store there or in train/, test/ (no index.json)")
-        if os.path.exists(f"{run.data}/index.json"):
-            encode_store(ae, run.data, run.out)
-        for split in ("train", "test"):
-            if os.path.exists(f"{run.data}/{split}/index.json"):
-                encode_store(ae, f"{run.data}/{split}", f"{run.out}/{split}")
+        for s in stores:
+            encode_store(ae, run.data + s, run.out + s)
         return run.out
     cfg, roll, run = configs  # video
     return train("video", cfg, run, preset, roll)
 
 
-STRATEGIES = ("millivid", "framepack", "fullres")  # the three models of --stage all (Table 1)
-
-
 def run_all(preset, overrides, root):
-    """The main job: data -> autoencoder -> encode -> three video models -> evaluation report.
-    Every stage resumes (or is skipped when finished), so rerunning continues where it stopped."""
+    """The main job (module docstring): every setting is checked before any work; each stage resumes or is skipped."""
     rank = int(os.environ.get("RANK", 0))
-    # every setting of every stage is checked before any work starts
     stray = [k for k in overrides if k.split(".")[0] not in ("data", "ae", "video", "eval")]
     if stray:
         raise SystemExit(f"--{stray[0]}: with --stage all, give each setting its stage: --data.*, --ae.*, --video.*"
                          f" or --eval.* (e.g. --ae.{stray[0]}=...)")
-    maze, = build(preset, prefixed(overrides, "data"), {data.MazeConfig: data.maze_config}, "data.")
-    evaluation, = stage_configs("eval", preset, prefixed(overrides, "eval"), root, "eval.")
-    videos = [{"strategy": s, "seed": k, "out": evaluate.video_folder(root, s, k)} for k in evaluation.train_seeds
-              for s in STRATEGIES]  # every model of the report, each training seed in its own folder
-    for stage, over in (("ae", {}), *(("video", v) for v in videos)):
-        stage_configs(stage, preset, {**over, **prefixed(overrides, stage)}, root, f"{stage}.")
+    given = {s: {k[len(s) + 1:]: v for k, v in overrides.items() if k.startswith(s + ".")}
+             for s in ("data", "ae", "video", "eval")}  # `--ae.steps=100` to the ae stage, `--video.lr` to every video
+    maze, = build(preset, given["data"], {data.MazeConfig: data.maze_config}, "data.")
+    evaluation, = build(preset, {"root": root, **given["eval"]}, {evaluate.EvalConfig: evaluate.eval_config}, "eval.")
+    ae = stage_configs("ae", preset, given["ae"], root, "ae.")
+    videos = [stage_configs("video", preset, {"strategy": s, "seed": k, "out": evaluate.video_folder(root, s, k),
+                                              **given["video"]}, root, "video.")
+              for k in evaluation.train_seeds for s in ("millivid", "framepack", "fullres")]  # Table 1, each seed
     wanted = {k: v for k, v in dataclasses.asdict(maze).items() if k != "workers"}  # what make_maze records
     for store in (f"{root}/data/{split}" for split in ("train", "test")):
         if not os.path.exists(f"{store}/index.json"):
             if rank == 0:
                 data.make_maze(store, maze, store.rsplit("/", 1)[1])
-        elif (made := json.load(open(f"{store}/meta.json")).get("config")) != wanted:  # never reuse silently
-            made = made or {}
+        elif (made := json.load(open(f"{store}/meta.json")).get("config") or {}) != wanted:  # never reuse silently
             diff = ", ".join(f"{k}={made.get(k)} (now {v})" for k, v in wanted.items() if made.get(k) != v)
             raise SystemExit(f"{store} was made with other data settings: {diff}; delete it or use another --root")
     if dist.is_initialized():
         dist.barrier()
-    run_stage("ae", preset, prefixed(overrides, "ae"), root)
+    train("ae", *ae, preset)
     run_stage("encode", preset, {}, root)
-    for video in videos:
-        run_stage("video", preset, {**video, **prefixed(overrides, "video")}, root)
+    for cfg, roll, run in videos:
+        train("video", cfg, run, preset, roll)
     if rank == 0:
         print(f"report: {evaluate.evaluate(evaluation)}")
 
