@@ -1,16 +1,14 @@
 """Rollout strategies as exact step enumerations, and the generation loop (paper §3.2, Fig. 2, Fig. 10,
 Fig. 11, App. A.2-A.3). The heart of MilliVid.
 
-A video is generated in chunks of N frames; inside a chunk a fixed list of rollout steps runs, one
-transformer sequence each. A step is a grid sel[level, frame] of UNSEEN / CONTEXT / DENOISED: every
-non-UNSEEN cell becomes that level's T_l = T_0 / 4^l tokens, clean (CONTEXT) or generated (DENOISED).
-MilliVid rolls the coarsest level far ahead, then upsamples level by level; every step sees the finest
-most recent frame and the coarse plan of the future, so super-resolution and temporal rollout cannot
-disagree (the stop/go sign of §3.2). All its steps have the same token count, so training stacks
-randomly drawn steps into one batch without padding (§3.2, Training Procedure).
+A video is generated in chunks of N frames; inside a chunk a fixed list of rollout steps runs, one transformer
+sequence each. A step is a grid sel[level, frame] of UNSEEN / CONTEXT / DENOISED: every non-UNSEEN cell becomes that
+level's T_l = T_0 / 4^l tokens, clean (CONTEXT) or generated (DENOISED). MilliVid rolls the coarsest level far ahead,
+then upsamples level by level; every step sees the finest most recent frame and the coarse plan of the future, so
+super-resolution and temporal rollout cannot disagree (the stop/go sign of §3.2). All its steps have the same token
+count, so training stacks randomly drawn steps into one batch without padding (§3.2, Training Procedure).
 
-Here: `RolloutConfig`, one function per strategy returning its steps, the training distribution, chunk
-sliding, a step's tokens, App. A.3's cost figures, the generation loop, and a command line:
+Here: `RolloutConfig`, each strategy's steps, chunk sliding, cost figures, training data, generation; commands:
 
     python rollout.py show millivid --frames-per-level=1,4,16 --extra-budget=256 --tokens 256
     python rollout.py show framepack --preset toy --dense --figures --image framepack.png
@@ -22,7 +20,6 @@ import json
 import math
 import os
 import time
-from collections import Counter
 from dataclasses import dataclass, replace
 from fractions import Fraction
 
@@ -86,8 +83,7 @@ def rollout_config(preset="paper", **overrides) -> RolloutConfig:
 
 
 def preset_frames(preset):
-    """(T_0, start, end) of a preset: level-0 tokens per frame (from its autoencoder) and the generated
-    frames [context, frames) of its videos (from its data)."""
+    """(T_0, start, end) of a preset: its autoencoder's level-0 tokens per frame, its videos' generated frames."""
     ae, video = tokenizer.ae_config(preset), data.maze_config(preset)
     return (ae.image_size // ae.patch_size) ** 2, video.context, video.frames
 
@@ -149,8 +145,7 @@ def millivid_steps(frames_per_level, extra_budget, tokens_per_frame):
     # region [N - W_(L-1), N), so the first visit of each level moves it onto the region's first frames.
     pos = [N - W[-1] - W[l] for l in range(L)]
 
-    def selection(target):
-        """The grid of the step that denoises level `target`'s current window (pos[target])."""
+    def selection(target):  # the grid of the step that denoises level `target`'s current window (pos[target])
         sel = np.zeros((L, N), np.int64)
         # the visible span [left, right) is grown outwards from the present, finest level first: each
         # level's W_l frames sit just outside what finer levels already show, so no frame appears at two
@@ -173,14 +168,13 @@ def millivid_steps(frames_per_level, extra_budget, tokens_per_frame):
             raise ValueError(f"frames_per_level={W}: a step reaches outside its chunk of {N} frames")
         return sel
 
-    steps = []
-
     def visit(l):  # depth first: parent before children, children left to right (Fig. 10)
         pos[l] += W[l]  # this level's next window: W_l frames further on
         steps.append(Step(selection(l), group=l))
         for _ in range(W[l] // W[l - 1] if l > 0 else 0):  # the finer level fills the window just made
             visit(l - 1)
 
+    steps = []
     visit(L - 1)
     return steps
 
@@ -189,30 +183,16 @@ def fullres_steps(num_frames):
     """Full-resolution autoregressive rollout (§4 Models, Fig. 11): one level, one step, the first n // 2
     frames context, the rest denoised (paper: n = 14, 7 + 7 frames, 3584 tokens)."""
     n = _positive("num_frames", [num_frames], minimum=2)[0]
-    sel = np.full((1, n), DENOISED, np.int64)
-    sel[0, :n // 2] = CONTEXT
-    return [Step(sel, None)]
-
-
-def _framepack_context(K, future):
-    # context runs oldest -> newest from coarsest to finest: level L-1 first, level 0 last (Fig. 11)
-    sel, f = np.zeros((len(K), sum(K) + future), np.int64), 0
-    for l in reversed(range(len(K))):
-        sel[l, f:f + K[l]] = CONTEXT
-        f += K[l]
-    return sel, f
+    return framepack_steps(n - n // 2, [n // 2])  # that is one-level FramePack with K_0 = n // 2
 
 
 def framepack_steps(num_denoised, context_frames_per_level):
-    """FramePack (§4 Models, §5 Q3, Fig. 11): one step, K_l context frames at level l, the final d frames
-    denoised at every level (on hierarchical latents they later serve as coarse context). The dense
-    paper baseline runs this selection through step_layout(dense=True): a frame enters once, in the
-    group of its finest level, so its d new frames are full resolution."""
+    """FramePack (§4 Models, §5 Q3, Fig. 11): one step, K_l context frames at level l, the final d frames denoised
+    at every level (on hierarchical latents they later serve as coarse context). The dense paper baseline reads it
+    through step_layout(dense=True), so its d new frames are full resolution."""
     K = _positive("context_frames_per_level", context_frames_per_level, minimum=0)
     d = _positive("num_denoised", [num_denoised])[0]
-    sel, D0 = _framepack_context(K, d)
-    sel[:, D0:] = DENOISED
-    return [Step(sel, None)]
+    return framepack_mirrored_steps([d] + [0] * (len(K) - 1), K)  # the mirrored one with D = (d, 0, ..., 0)
 
 
 def framepack_mirrored_steps(denoised_frames_per_level, context_frames_per_level):
@@ -224,7 +204,10 @@ def framepack_mirrored_steps(denoised_frames_per_level, context_frames_per_level
     if len(D) != len(K) or D[0] < 1:
         raise ValueError(f"denoised_frames_per_level={D}: expected one value per level of "
                          f"context_frames_per_level={K}, with D_0 >= 1")
-    sel, f = _framepack_context(K, sum(D))
+    sel, f = np.zeros((len(K), sum(K) + sum(D)), np.int64), 0
+    for l in reversed(range(len(K))):  # context runs oldest -> newest from coarsest to finest level (Fig. 11)
+        sel[l, f:f + K[l]] = CONTEXT
+        f += K[l]
     sel[:, f:f + D[0]] = DENOISED
     for l in range(1, len(D)):
         f += D[l - 1]
@@ -243,23 +226,22 @@ def rollout_upscale_steps(base_frames, num_levels):
     w = [B * 4**l for l in range(L - 1)] + [B * 4 ** (L - 1) * 9 // 8]
     N = w[-1] * 3 // 2  # the top steps twice; every level denoises the same new frames [w_top / 2, N)
     steps = []
-    for l in reversed(range(L)):  # coarse to fine
-        s, half = (w[-1] - w[l]) // 2, w[l] // 2
-        while s + w[l] <= N:
+    for l in reversed(range(L)):  # coarse to fine, each level's window of w_l frames moving on by half of it
+        half = w[l] // 2
+        for s in range((w[-1] - w[l]) // 2, N - w[l] + 1, half):
             sel = np.zeros((L, N), np.int64)
             sel[l, s:s + half] = CONTEXT
             sel[l, s + half:s + w[l]] = DENOISED
             if l < L - 1:
                 sel[l + 1, s + half:s + w[l]] = CONTEXT  # the coarse version of the frames it upscales
             steps.append(Step(sel, l))
-            s += half
     return steps
 
 
 def step_probabilities(steps):
     """Training distribution (§3.2): each group 1 / num_groups, split evenly: p = 1 / (num_groups * group size)."""
-    size = Counter(s.group for s in steps)
-    return np.array([1.0 / (len(size) * size[s.group]) for s in steps])
+    groups = [s.group for s in steps]
+    return np.array([1.0 / (len(set(groups)) * groups.count(s.group)) for s in steps])
 
 
 def first_denoised(steps):
@@ -268,10 +250,9 @@ def first_denoised(steps):
 
 
 def chunk_starts(steps, start, end, num_clipped=0):
-    """Chunk sliding: the global first frames of the chunks that generate frames [start, end). A chunk of
-    N frames finishes w = N - D0 - num_clipped frames, so chunk k starts at start - D0 + k w and its
-    first D0 frames (ground truth or earlier chunks' output) are its past. The last chunk may overshoot
-    `end`: the buffer must hold chunk_starts[-1] + N frames (pad with zero latents, continued actions)."""
+    """Chunk sliding: the global first frames of the chunks that generate frames [start, end). A chunk of N frames
+    finishes w = N - D0 - num_clipped frames, so chunk k starts at start - D0 + k w; its first D0 frames (ground truth
+    or earlier chunks' output) are its past. The last may overshoot `end`: buffers need chunk_starts[-1] + N frames."""
     N, D0 = steps[0].selection.shape[1], first_denoised(steps)
     w = N - D0 - num_clipped
     if w < 1 or num_clipped < 0:
@@ -294,30 +275,27 @@ def level_tokens(selection, tokens_per_frame, dense=False):
 
 
 def step_layout(selection, grids, dense=False):
-    """A step's tokens, level-major, then frame ascending, then row-major in the grid (the order the
-    autoencoder's tokens and the latent store use):
-    int64 arrays (T,) frame, level, row, col, role. dense=True: each frame's finest cell becomes raw
-    level-0 tokens (grids[0]) with level = its group k; the dense model packs them itself."""
+    """A step's tokens as int64 arrays (T,) frame, level, row, col, role: level-major, then frame ascending, then
+    row-major in the grid (the order of the autoencoder's tokens and the latent store). dense=True: each frame's
+    finest cell becomes raw level-0 tokens (grids[0]) with level = its group k; the dense model packs them itself."""
     L = len(selection)
     if len(grids) < L:
         raise ValueError(f"grids: expected at least {L} (h, w) pairs for a {L}-level selection, got {grids}")
-    cells, out = _cells(selection, dense), {k: [] for k in ("frame", "level", "row", "col", "role")}
+    cells, parts = _cells(selection, dense), []
     for l in range(L):
         (h, w), f = grids[0] if dense else grids[l], np.flatnonzero(cells[l])
-        out["frame"].append(np.repeat(f, h * w))  # (F_l h w,)
-        out["level"].append(np.full(len(f) * h * w, l))
-        out["row"].append(np.tile(np.repeat(np.arange(h), w), len(f)))
-        out["col"].append(np.tile(np.arange(w), h * len(f)))
-        out["role"].append(np.repeat(selection[l, f], h * w))
-    return {k: np.concatenate(v).astype(np.int64) for k, v in out.items()}
+        # every (frame, row, col) of the level's cells, frame-major, then row-major: 3 x (F_l·h·w,)
+        frame, row, col = (a.ravel() for a in np.meshgrid(f, np.arange(h), np.arange(w), indexing="ij"))
+        parts.append(np.stack([frame, np.full_like(frame, l), row, col, selection[l, frame]]))  # (5, F_l·h·w)
+    frame, level, row, col, role = np.concatenate(parts, 1).astype(np.int64)  # (5, T)
+    return dict(frame=frame, level=level, row=row, col=col, role=role)
 
 
 def knowledge(steps, start, end, faces, num_clipped=0):
-    """What a strategy's model can know of each generated frame (the memory probe, evaluate.py), following
-    what its steps read. faces[f]: the set of wall faces frame f shows (frames < start are ground truth).
-    A ground-truth cell knows its frame's faces; a cell a step denoises knows those of its frame's faces
-    that some cell the step reads (CONTEXT) knows. Returns, per generated frame [start, end), `known`: the
-    faces its final level-0 cell can know, and `reach`: how far back (frames) the steps that write it read."""
+    """What a strategy's model can know of each generated frame (evaluate.py's memory probe), following what its steps
+    read. faces[f]: frame f's wall faces. A ground-truth cell (frame < start) knows its frame's faces; a cell a step
+    denoises knows those of its frame's faces that a cell the step reads (CONTEXT) knows. Per frame [start, end):
+    `known`, what its final level-0 cell can know; `reach`, how far back (frames) the steps writing it read."""
     known, reach = {(l, f): set(faces[f]) for l in range(len(steps[0].selection)) for f in range(start)}, {}
     for s in chunk_starts(steps, start, end, num_clipped):
         for step in steps:
@@ -331,12 +309,11 @@ def knowledge(steps, start, end, faces, num_clipped=0):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Derived figures and the cost table (App. A.3)
+# Showing a strategy: derived figures, App. A.3's cost table, text grids (the worked example's notation), pictures
 
 def figures(steps, tokens_per_frame, start, end, num_clipped=0, dense=False, sampling_steps=50):
-    """Chunk frames N, first denoised frame D0, finished frames per chunk, tokens per step (and per
-    level, (steps, L)), and the cost of generating [start, end): network evaluations = rollout steps x
-    sampling steps (App. A.3)."""
+    """Chunk frames N, first denoised frame D0, finished frames per chunk, tokens per step (and per level,
+    (steps, L)), and the cost of generating [start, end): network evaluations = rollout x sampling steps (App. A.3)."""
     per_level = np.stack([level_tokens(s.selection, tokens_per_frame, dense) for s in steps])
     starts = chunk_starts(steps, start, end, num_clipped)
     N, D0, rollout_steps = len(steps[0].selection[0]), first_denoised(steps), len(starts) * len(steps)
@@ -364,27 +341,23 @@ def strategy_steps(cfg, tokens_per_frame):
 
 def cost_table(cfg, tokens_per_frame, start, end, sampling_steps=50):
     """App. A.3 at equal budget: MilliVid, FramePack (dense, the paper's baseline), full resolution."""
-    rows, fig = [], {}
+    row = "{:<11}{:>7}{:>8}{:>5}{:>10}{:>12}{:>7}{:>14}{:>8}".format
+    lines = [f"cost of generating frames [{start}, {end}) = {end - start} frames, {sampling_steps} sampling steps "
+             "per rollout step (App. A.3)",
+             row("strategy", "tokens", "chunk N", "D0", "new/chunk", "steps/chunk", "chunks", "rollout steps", "NFE")]
+    fig = {}
     for name in ("millivid", "framepack", "fullres"):
         steps, clipped = strategy_steps(replace(cfg, strategy=name), tokens_per_frame)
         f = fig[name] = figures(steps, tokens_per_frame, start, end, clipped, name == "framepack", sampling_steps)
-        rows.append(f"{name:<11}{f['tokens']:>7}{f['chunk_frames']:>8}{f['first_denoised']:>5}{f['new_frames']:>10}"
-                    f"{f['steps_per_chunk']:>12}{len(f['chunk_starts']):>7}{f['rollout_steps']:>14}{f['nfe']:>8}")
+        lines.append(row(name, f["tokens"], f["chunk_frames"], f["first_denoised"], f["new_frames"],
+                         f["steps_per_chunk"], len(f["chunk_starts"]), f["rollout_steps"], f["nfe"]))
     m, p = fig["millivid"], fig["framepack"]
     total = Fraction(m["rollout_steps"], p["rollout_steps"])
     # per generated frame: (1 + 4 + 16 + 64) / 64 = 85/64 for 4 levels, "about 33% more" (App. A.3)
     per_frame = Fraction(m["steps_per_chunk"] * p["new_frames"], m["new_frames"] * p["steps_per_chunk"])
-    return "\n".join([
-        f"cost of generating frames [{start}, {end}) = {end - start} frames, {sampling_steps} sampling steps "
-        "per rollout step (App. A.3)",
-        f"{'strategy':<11}{'tokens':>7}{'chunk N':>8}{'D0':>5}{'new/chunk':>10}{'steps/chunk':>12}"
-        f"{'chunks':>7}{'rollout steps':>14}{'NFE':>8}", *rows,
-        f"MilliVid / FramePack rollout steps: {m['rollout_steps']}/{p['rollout_steps']} = {total} = "
-        f"{float(total):.3f} (per generated frame: {per_frame}; paper: \"about 33% more\")"]) + "\n"
-
-
-# ----------------------------------------------------------------------------------------------------
-# Showing a strategy: text grids (the notation of the worked example) and Fig. 10-style pictures
+    lines.append(f"MilliVid / FramePack rollout steps: {m['rollout_steps']}/{p['rollout_steps']} = {total} = "
+                 f"{float(total):.3f} (per generated frame: {per_frame}; paper: \"about 33% more\")")
+    return "\n".join(lines) + "\n"
 
 def format_steps(steps, tokens_per_frame, dense=False):
     """Text grids: one row per level, coarsest on top; `.` UNSEEN, `C` CONTEXT, `D` DENOISED."""
@@ -397,46 +370,33 @@ def format_steps(steps, tokens_per_frame, dense=False):
     return "\n".join(out) + "\n"
 
 
-# Fig. 10's states: UNSEEN cells are "fixed" (already generated) or "pending" (not yet generated)
-COLOURS = dict(pending=(236, 236, 236), fixed=(150, 150, 150), context=(66, 126, 220), denoised=(236, 118, 36))
-
-
-def draw_steps(steps, tokens_per_frame, dense=False):
-    """One picture per step (Fig. 10): a row per level (coarsest on top, as in the text grids; the
-    paper draws the finest on top), a column per frame, a colour per state; step, group, tokens."""
+def save_picture(steps, tokens_per_frame, path, dense=False):
+    """One PNG sheet of a panel per step (Fig. 10): a row per level (coarsest on top, as in the text grids; the
+    paper draws the finest on top), a column per frame, a colour per state; step, group, tokens; a legend."""
+    # Fig. 10's states: UNSEEN cells are "fixed" (already generated) or "pending" (not yet generated)
+    colours = dict(pending=(236, 236, 236), fixed=(150, 150, 150), context=(66, 126, 220), denoised=(236, 118, 36))
     L, N = steps[0].selection.shape
-    cw, ch, x0, y0 = max(2, min(16, 960 // N)), 14, 26, 18
-    produced = np.zeros((L, N), bool)
-    produced[:, :first_denoised(steps)] = True  # the chunk's past: ground truth or earlier chunks
-    panels = []
-    for i, s in enumerate(steps):
-        img = Image.new("RGB", (max(x0 + N * cw + 4, 360), y0 + L * ch + 6), "white")
-        draw = ImageDraw.Draw(img)
-        group = "" if s.group is None else f"   target level {s.group}"
-        draw.text((4, 3), f"step {i}{group}   tokens {level_tokens(s.selection, tokens_per_frame, dense).sum()}",
-                  fill="black")
-        for row, l in enumerate(reversed(range(L))):
-            y = y0 + row * ch
-            draw.text((4, y), f"L{l}", fill="black")
-            for f, v in enumerate(s.selection[l]):
-                state = ("fixed" if produced[l, f] else "pending", "context", "denoised")[v]
-                draw.rectangle([x0 + f * cw, y, x0 + (f + 1) * cw - 1 - (cw > 3), y + ch - 3], fill=COLOURS[state])
-        produced |= s.selection == DENOISED
-        panels.append(img)
-    return panels
-
-
-def save_picture(panels, path):
-    """One sheet of all steps as a PNG (Fig. 10, left)."""
-    w, h = panels[0].size
-    cols = max(1, min(len(panels), 1600 // w))
-    sheet = Image.new("RGB", (cols * w, 18 + math.ceil(len(panels) / cols) * h), "white")
+    cw, ch, x0, y0 = max(2, min(16, 960 // N)), 14, 26, 18  # cell width and height, the grid's corner in a panel
+    w, h = max(x0 + N * cw + 4, 360), y0 + L * ch + 6  # a panel
+    cols = max(1, min(len(steps), 1600 // w))
+    sheet = Image.new("RGB", (cols * w, 18 + math.ceil(len(steps) / cols) * h), "white")
     draw = ImageDraw.Draw(sheet)
-    for k, (name, colour) in enumerate(COLOURS.items()):  # the legend on top
+    for k, (name, colour) in enumerate(colours.items()):  # the legend on top
         draw.rectangle([4 + 90 * k, 4, 14 + 90 * k, 14], fill=colour)
         draw.text((18 + 90 * k, 3), name, fill="black")
-    for i, panel in enumerate(panels):
-        sheet.paste(panel, ((i % cols) * w, 18 + (i // cols) * h))
+    produced = np.tile(np.arange(N) < first_denoised(steps), (L, 1))  # the chunk's past: truth or earlier chunks
+    for i, s in enumerate(steps):
+        px, py = (i % cols) * w, 18 + (i // cols) * h  # the panel's corner
+        group = "" if s.group is None else f"   target level {s.group}"
+        tokens = level_tokens(s.selection, tokens_per_frame, dense).sum()
+        draw.text((px + 4, py + 3), f"step {i}{group}   tokens {tokens}", fill="black")
+        for row, l in enumerate(reversed(range(L))):
+            y = py + y0 + row * ch
+            draw.text((px + 4, y), f"L{l}", fill="black")
+            for x, v, done in zip(range(px + x0, px + x0 + N * cw, cw), s.selection[l], produced[l]):  # per frame
+                state = ("fixed" if done else "pending", "context", "denoised")[v]
+                draw.rectangle([x, y, x + cw - 1 - (cw > 3), y + ch - 3], fill=colours[state])
+        produced |= s.selection == DENOISED
     data.atomic_write(path, lambda tmp: sheet.save(tmp, format="PNG"))
 
 
@@ -444,10 +404,10 @@ def main(argv=None):
     parser = argparse.ArgumentParser(allow_abbrev=False, epilog="Any RolloutConfig setting overrides the preset "
                                      "as --key=value, e.g. --frames_per_level=1,4,16 --extra_budget=256.",
                                      description="Print, draw, cost or benchmark the rollout strategies.")
-    parser.add_argument("command", choices=("show", "cost", "bench"))
-    parser.add_argument("strategy", nargs="?", default="millivid", help="for show",
-                        choices=("millivid", "framepack", "framepack-mirrored", "fullres", "upscale"))
     arg = parser.add_argument
+    arg("command", choices=("show", "cost", "bench"))
+    arg("strategy", nargs="?", default="millivid", help="for show",
+        choices=("millivid", "framepack", "framepack-mirrored", "fullres", "upscale"))
     arg("--preset", choices=sorted(PRESETS), help="default: paper (bench on a CPU: tiny)")
     arg("--tokens", type=int, help="T_0, level-0 tokens per frame (default: the preset autoencoder's)")
     arg("--start", type=int, help="first generated frame (default: the preset's context)")
@@ -472,11 +432,10 @@ def main(argv=None):
             raise SystemExit("bench: --device cuda but CUDA is not available here (use --device cpu)")
         preset = args.preset or ("tiny" if args.device == "cpu" else "paper")
         batch = args.batch or (48 if args.device == "cuda" else {"toy": 4, "paper": 1}.get(preset, 16))
-        (T0, _, _), cfg = preset_frames(preset), rollout_config(preset)  # the last MilliVid step: a level-0 target
-        g0, step = math.isqrt(T0), millivid_steps(cfg.frames_per_level, cfg.extra_budget, T0)[-1]
-        layout = step_tokens(step, [(g0 >> l, g0 >> l) for l in range(len(cfg.frames_per_level))], 1)
-        steps, _ = strategy_steps(cfg, T0)  # MilliVid's new frames per rollout step, for frames/s in sampling
-        per_step = figures(steps, T0, *preset_frames(preset)[1:])["new_frames"] / len(steps)
+        (T0, start, end), cfg = preset_frames(preset), rollout_config(preset)
+        steps, g0 = strategy_steps(cfg, T0)[0], math.isqrt(T0)  # MilliVid's; the last has a level-0 target
+        layout = step_tokens(steps[-1], [(g0 >> l, g0 >> l) for l in range(len(cfg.frames_per_level))], 1)
+        per_step = figures(steps, T0, start, end)["new_frames"] / len(steps)  # new frames per rollout step: frames/s
         return diffusion.bench(diffusion.dit_config(preset), layout, args.device, batch, args.iters,
                                compile=args.compile, checkpointing=args.checkpointing, frames_per_step=per_step,
                                sampling_steps=cfg.sampling_steps)
@@ -490,18 +449,20 @@ def main(argv=None):
         print(format_steps(steps, T0, args.dense), end="")
         if args.figures:
             f = figures(steps, T0, start, end, clipped, args.dense, cfg.sampling_steps)
-            c, groups = f["chunk_starts"], dict.fromkeys((tuple(n), s.group) for n, s in zip(f["level_tokens"], steps))
-            c = ", ".join(map(str, c[:4])) + (f", ..., {c[-1]}" if len(c) > 4 else "") + f" ({len(c)} chunks)"
             print(f"chunk frames {f['chunk_frames']}, first denoised frame D0 {f['first_denoised']}, new frames per "
-                  f"chunk {f['new_frames']}, tokens per step {f['tokens']}" + (" (every step)" if f["equal_tokens"] else
-                  " (at most)"), *(f"  {'step' if g is None else f'target level {g}'}: " + "  ".join(
-                      f"L{l} {n}" for l, n in enumerate(counts)) for counts, g in groups), sep="\n")
+                  f"chunk {f['new_frames']}, tokens per step {f['tokens']} "
+                  + ("(every step)" if f["equal_tokens"] else "(at most)"))
+            for counts, g in dict.fromkeys((tuple(n), s.group) for n, s in zip(f["level_tokens"], steps)):  # distinct
+                print(f"  {'step' if g is None else f'target level {g}'}: "
+                      + "  ".join(f"L{l} {n}" for l, n in enumerate(counts)))
+            c = f["chunk_starts"]
+            c = ", ".join(map(str, c[:4])) + (f", ..., {c[-1]}" if len(c) > 4 else "") + f" ({len(c)} chunks)"
             print(f"frames [{start}, {end}): chunks at {c} -> {f['rollout_steps']} rollout steps, {f['nfe']} network "
                   "evaluations")
     except (ValueError, TypeError) as e:
         parser.error(str(e))
     if args.image:
-        save_picture(draw_steps(steps, T0, args.dense), args.image)
+        save_picture(steps, T0, args.image, args.dense)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -526,15 +487,11 @@ class ChunkDataset(torch.utils.data.Dataset):
         self.reads = []  # per step, on the host once: per level the chunk frames it reads; each token's place in them
         for step in steps:
             layout = step_layout(step.selection, grids, dense)
-            level = np.zeros_like(layout["level"]) if dense else layout["level"]  # dense: raw level-0 tokens
-            frames, offset, where = [], 0, np.zeros(len(level), np.int64)
-            for l, (h, w) in enumerate(grids[:1] if dense else grids[:len(step.selection)]):
-                f = np.unique(layout["frame"][level == l])
-                at = level == l  # row of the token's frame among those read, then its cell
-                row = np.searchsorted(f, layout["frame"][at])
-                where[at] = offset + (row * h + layout["row"][at]) * w + layout["col"][at]
-                frames.append(f)
-                offset += len(f) * h * w
+            if dense:  # raw level-0 tokens of every frame shown; the layout groups them by k, the read is frame order
+                (h, w), frames = grids[0], [np.unique(layout["frame"])]
+                where = (np.searchsorted(frames[0], layout["frame"]) * h + layout["row"]) * w + layout["col"]
+            else:  # the layout's order is the store's (level-major, frame ascending, row-major): read as it is
+                frames, where = [np.flatnonzero(c) for c in step.selection != UNSEEN], np.arange(len(layout["frame"]))
             self.reads.append((frames, where, layout["frame"]))
 
     def __len__(self):
@@ -543,8 +500,7 @@ class ChunkDataset(torch.utils.data.Dataset):
     def __getitem__(self, item):
         (i, s), (frames, where, token_frame) = item, self.reads[item[1]]
         v, start = locate(self.ends, i)
-        key = self.keys[v]
-        path = os.path.join(self.root, key)
+        path = os.path.join(self.root, self.keys[v])
         rows = [np.load(f"{path}/l{l}.npy", mmap_mode="r")[start + f] for l, f in enumerate(frames)]  # (F_l, T_l, C)
         x = np.concatenate([r.reshape(-1, r.shape[-1]) for r in rows])[where]    # (T, C) float16
         act = np.load(f"{path}/actions.npy", mmap_mode="r")[start:start + self.N, 0][token_frame]  # (T,)
@@ -564,13 +520,11 @@ def training_batch(batch, gathers, device):
 
 
 def read_bench(store, workers=0, seconds=10.0, batch=48):
-    """Training reads from a latent store, as the video stage does them (MilliVid's steps on the store's grids,
-    uniform random chunks and steps): items/s and bytes per item, after one warm-up batch."""
-    meta, keys = json.load(open(f"{store}/meta.json")), sorted(data.load_index(store))
-    grids = [tuple(g) for g in meta["grids"]]
+    """Items/s and bytes per item of training reads from a latent store (MilliVid's steps, random chunks and steps)."""
+    grids = [tuple(g) for g in json.load(open(f"{store}/meta.json"))["grids"]]
     W = RolloutConfig().frames_per_level[:len(grids)]  # the paper's widths, cut to the store's levels
     steps = millivid_steps(W, grids[-1][0] * grids[-1][1] * W[-1], grids[0][0] * grids[0][1])
-    ds = ChunkDataset(store, keys, steps[0].selection.shape[1], steps, grids)
+    ds = ChunkDataset(store, sorted(data.load_index(store)), steps[0].selection.shape[1], steps, grids)
     rng = np.random.default_rng(0)
     batches = iter(lambda: list(zip(rng.integers(len(ds), size=batch).tolist(),
                                     rng.integers(len(steps), size=batch).tolist())), None)  # endless
@@ -587,40 +541,30 @@ def read_bench(store, workers=0, seconds=10.0, batch=48):
 # ----------------------------------------------------------------------------------------------------
 # Generation: the chunked rollout of a batch of videos (§3.2, App. A.2 "Inference Details")
 
-def token_index(layout, grids, num_frames, dense=False):
-    """Where a step's tokens live in latents of `num_frames` frames flattened level-major
-    ([level 0: frame-major, row-major tokens], [level 1: ...], ...): returns (index, per_frame), and a
-    chunk starting at frame s reads `index + s * per_frame`. The dense FramePack model reads level 0 only."""
-    level = np.zeros_like(layout["level"]) if dense else layout["level"]
-    grids = grids[:1] if dense else grids
+def step_tokens(step, grids, num_frames, dense=False):
+    """A step's tokens as (T,) tensors, for training and generation alike: its layout, the `denoised` mask, and
+    where each token lives in latents of `num_frames` frames flattened level-major ([level 0: frame-major, row-major
+    tokens], [level 1: ...], ...): a chunk from frame s reads `index + s * per_frame`. Dense FramePack: level 0 only."""
+    layout = step_layout(step.selection, grids, dense)
+    level = np.zeros_like(layout["level"]) if dense else layout["level"]  # dense: raw level-0 tokens
     tokens, width = np.array([h * w for h, w in grids]), np.array([w for _, w in grids])  # T_l, w_l
     offset = np.concatenate([[0], np.cumsum(tokens * num_frames)])  # where each level's block starts
     index = offset[level] + layout["frame"] * tokens[level] + layout["row"] * width[level] + layout["col"]
-    return index, tokens[level]
-
-
-def step_tokens(step, grids, num_frames, dense=False):
-    """A step's tokens as (T,) tensors, for training (a chunk) and generation (the buffer) alike: layout,
-    `denoised` mask and place in `num_frames` frames of latents flattened level-major (index, per_frame)."""
-    layout = step_layout(step.selection, grids, dense)
-    index, per_frame = token_index(layout, grids, num_frames, dense)
-    out = {**layout, "denoised": layout["role"] == DENOISED, "index": index, "per_frame": per_frame}
+    out = {**layout, "denoised": layout["role"] == DENOISED, "index": index, "per_frame": tokens[level]}
     return {k: torch.from_numpy(v) for k, v in out.items()}
 
 
 def dense_packing(step, grids):
     """((h, w), frames per packing group k) of a dense FramePack step: VideoDiT.pack's shapes, known on the host."""
     h, w = grids[0]
-    level = step_layout(step.selection, grids, dense=True)["level"]  # level-major: group k's frames in a row
-    return (h, w), tuple(int(n) // (h * w) for n in np.bincount(level, minlength=len(step.selection)))
+    return (h, w), tuple(int(n) for n in _cells(step.selection, dense=True).sum(1))  # frames per group k
 
 
 def generate(model, steps, latents, actions, start, end, grids, *, dense=False, num_clipped=0,
              sampling_steps=50, cfg_scale=1.0, generator=None):
-    """Roll a batch of videos out from ground-truth context, all in lockstep (§3.2, App. A.2). latents: per
-    level (B, F, T_l, C), only frames < start read; actions: (B, F) long. Returns per level (B, F', T_l, C),
-    F' >= end: [start, end) generated, later frames are an overshooting last chunk's padding. Each step
-    reads its tokens from one buffer, denoises its DENOISED ones and writes them back for later steps."""
+    """Roll a batch of videos out from ground-truth context, in lockstep (§3.2, App. A.2). latents: per level
+    (B, F, T_l, C), only frames < start read; actions: (B, F) long. Returns per level (B, F', T_l, C), F' >= end:
+    [start, end) generated, then an overshooting last chunk's padding. All steps read from and write to one buffer."""
     num_levels = 1 if dense else len(steps[0].selection)
     starts = chunk_starts(steps, start, end, num_clipped)
     frames = starts[-1] + steps[0].selection.shape[1]  # the buffer holds the overshooting last chunk too
