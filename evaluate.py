@@ -403,8 +403,8 @@ def results_markdown(summary):
     # the reading: at the longest horizon, does a model beat the random-latents reference on some metric?
     ref = next((r["metrics"] for r in summary["rows"] if r["name"] == "random latents"), {})
     last = "-".join(map(str, summary["buckets"][-1]))  # METRICS[m][1]: higher is better
-    above = sorted({r["name"] for r in models for m in ref
-                    if (r["metrics"][m][last] - ref[m][last]) * (1 if METRICS[m][1] else -1) > 0})
+    above = sorted({r["name"] for r in models for m in ref if m not in PROBE  # the probe's rows have their own verdict
+                    and (r["metrics"][m][last] - ref[m][last]) * (1 if METRICS[m][1] else -1) > 0})
     verdict = (f"above it on some metric: {', '.join(above)}" if above else
                "every model is below it on every metric: none is consistent this far at this scale")
     probe = {r["name"]: r["probe"] for r in summary["rows"]}

@@ -358,8 +358,10 @@ def test_bad_protocol_inputs_get_clear_errors():
 
 def test_bold_only_where_the_lead_exceeds_the_spread_and_the_reading_line():
     """Mean ± standard error over videos; no bold cell where the two best models' spreads overlap."""
-    def results(a, b, random):  # per-frame PSNR (V=4 videos, K=2 offsets) of two models and the references
-        rows = [ev.Row(name, {"psnr": np.array(v, float)}, ["0", "1", "2", "3"], ref)
+    def results(a, b, random):  # per-frame PSNR (V=4 videos, K=2 offsets) of two models and the references;
+        probe = {k: np.full((4, 2), 0.5) for k in ev.PROBE}  # probe metrics, where random latents are lower: not read
+        rows = [ev.Row(name, {"psnr": np.array(v, float)} | {k: x - 0.4 * ref for k, x in probe.items()},
+                       ["0", "1", "2", "3"], ref)
                 for name, v, ref in (("a", a, False), ("b", b, False), ("random latents", random, True))]
         return ev.Results(rows, context=8, buckets=[(1, 1), (2, 2)])
     noisy = ev.results_markdown(ev.summarize(results([[20, 20], [22, 22], [24, 24], [26, 26]],
