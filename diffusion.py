@@ -382,7 +382,7 @@ def ddim_sample(model, x, denoised, frame, level, row, col, action, steps=50, cf
                                                           cfg.logsnr_bound))  # (B, T, 1) each
         x_t = alpha * x_hat + sigma * eps_hat
         v_hat = model(x_t, t_pair, denoised, frame, level, row, col, action, packing=packing)
-        return v_hat.to(x.dtype), x_t, alpha, sigma
+        return v_hat.to(x.dtype, copy=True), x_t, alpha, sigma  # a copy: CUDA graphs reuse their output memory
 
     for s in torch.linspace(1, 0, steps + 1, dtype=x.dtype, device=x.device)[:-1]:
         v_hat, x_t, alpha, sigma = evaluate(s, 0.0, action, x_hat, eps_hat)
