@@ -471,7 +471,12 @@ def official_state_dict(source):
         if not os.path.isfile(source):
             raise FileNotFoundError(f"{source}: no such checkpoint file (the authors' releases are on the Hugging "
                                     f"Face hub, charatan/millivid; download them yourself, see the README)")
-        source = torch.load(source, map_location="cpu", weights_only=True, mmap=True)
+        try:  # tensors and plain containers only: nothing in the file is executed
+            source = torch.load(source, map_location="cpu", weights_only=True, mmap=True)
+        except pickle.UnpicklingError as e:
+            raise ValueError(f"{source}: holds objects beyond tensors ({str(e).splitlines()[0][:120]}); if you trust "
+                             "it, keep its weights alone: torch.save({'model': torch.load(path, weights_only=False)"
+                             "['model']}, path)") from None
     return source.get("model", source)
 
 

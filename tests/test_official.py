@@ -102,6 +102,15 @@ def test_import_errors_name_the_key_and_shapes():
         diffusion.from_official("nowhere.ckpt", cfg)
 
 
+def test_a_checkpoint_with_more_than_tensors_is_refused_with_advice(tmp_path):
+    """Only tensors and plain containers are unpickled (weights_only): anything else is named, with the way out."""
+    cfg = diffusion.dit_config("tiny")
+    state = random_state(official_video(cfg.depth, cfg.width, cfg.heads, cfg.channels, cfg.levels, False))
+    torch.save({"model": state, "train_loader": {"seen": np.float64(3.0)}}, tmp_path / "full.ckpt")
+    with pytest.raises(ValueError, match=r"full.ckpt: holds objects beyond tensors .*weights_only=False"):
+        diffusion.from_official(str(tmp_path / "full.ckpt"), cfg)
+
+
 def test_autoencoder_import_and_decoder_from_a_video_checkpoint(tmp_path):
     cfg = tokenizer.ae_config("tiny")
     state = random_state(official_ae(cfg.depth, cfg.width, cfg.heads, cfg.channels, cfg.levels, cfg.patch_size))
