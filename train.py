@@ -345,8 +345,7 @@ def train_loop(stage, cfg, run, preset, roll, rank, world, device, signals):
         print(f"{stage}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, "
               f"{len(dataset)} training items, device {device}, world {world}")
         if stage == "video":  # what must fit: weights, gradients, optimizer state and the activations kept for backward
-            (h, w), frames = packing or ((1, 1), ())
-            tokens = sum(f * h * w // 4 ** k for k, f in enumerate(frames)) or len(gathers[0]["index"])
+            tokens = int(rollout.level_tokens(steps[0].selection, grids[0][0] * grids[0][1], roll.dense).sum())
             need = diffusion.train_memory(cfg, cfg.batch_size // run.grad_accum, tokens, run.checkpointing)
             print(f"expected peak memory per device: {need / 2**30:.2f} GiB (eager; --checkpointing=true and "
                   f"--grad_accum lower it)")
