@@ -49,6 +49,8 @@ class EvalConfig:
     num_samples: int = 4                # test videos written as side-by-side and plan videos
     models: tuple = ("millivid", "framepack", "fullres")  # video models evaluated, {root}/video-<name>
     lpips: bool = True                  # LPIPS-AlexNet when its backbone weights are on disk
+    features: tuple = ("dino", "lightglue", "fid", "fvd")  # feature metrics to compute, with their extras installed
+    metric_weights: str = "weights"     # the folder of their weight files (README: Feature metrics)
     compile: bool = True                # on CUDA: the video models compiled with CUDA graphs (launch-free sampling)
     fps: int = 20                       # Loopcraft's frame rate
     map_size: int = 128                 # top-down trajectory panel, pixels
@@ -61,6 +63,8 @@ class EvalConfig:
     out: str = ""                       # "" = {root}/eval
 
     def __post_init__(self):
+        if set(self.features) - set(FEATURES):
+            raise ValueError(f"EvalConfig.features = {self.features}: expected names among {', '.join(FEATURES)}")
         if set(self.models) - set(rollout.STRATEGIES):
             raise ValueError(f"EvalConfig.models = {self.models}: expected names among {', '.join(rollout.STRATEGIES)}")
         if not (0 < self.context < self.total and self.sampling_steps >= 1 and self.batch_size >= 1
@@ -98,13 +102,10 @@ def describe(config):
 
 PSNR_CAP = 100.0  # dB; identical frames (MSE = 0) score this instead of inf, so bucket means stay finite
 DARK = 0.06  # pixels (and palette entries) whose brightest channel is below this have no reliable colour
-# name -> (label, higher is better); the consistency metrics computed here
-METRICS = {"psnr": ("PSNR", True), "ssim": ("SSIM", True), "lpips": ("LPIPS", False), "maze": ("maze colour", True)}
-# §4 metrics whose networks are not in our dependencies and whose weights cannot be downloaded here
-UNAVAILABLE = {"dino": "DINOv2 CLS cosine: unavailable (needs weights: DINOv2 ViT-L/14, 252x252 crop; not implemented)",
-               "lightglue": "LightGlue matches: unavailable (needs weights: SuperPoint + LightGlue; not implemented)",
-               "fid": "FID: unavailable (needs weights: Inception-v3 pool features; not implemented)",
-               "fvd": "FVD: unavailable (needs weights: I3D on 16-frame clips; not implemented)"}
+# name -> (label, higher is better): Table 1's consistency metrics, its quality metrics FID and FVD, the maze's own
+METRICS = {"psnr": ("PSNR", True), "ssim": ("SSIM", True), "lpips": ("LPIPS", False), "dino": ("DINOv2 cosine", True),
+           "lightglue": ("LightGlue matches", True), "fid": ("FID", False), "fvd": ("FVD", False),
+           "maze": ("maze colour", True)}
 
 
 def to_float(frames, device=None, dtype=torch.float32):
@@ -185,15 +186,223 @@ def palette_agreement(x, y, palette, device=None):
     return (a == b).flatten(1).double().mean(1).cpu().numpy()
 
 
-def frame_metrics(generated, truth, palette=None, lpips_net=None, device=None, chunk=128):
-    """Every available per-frame metric of one video -> {metric: np.float64 (N,)}, `chunk` frames at a time."""
-    fns = {"psnr": psnr, "ssim": ssim}
+def frame_metrics(generated, truth, palette=None, lpips_net=None, device=None, chunk=128, features=None):
+    """Every available per-frame metric of one video -> {metric: np.float64 (N,)}, `chunk` frames at a time;
+    features: load_feature_nets' networks (DINOv2, LightGlue)."""
+    fns, features = {"psnr": psnr, "ssim": ssim}, features or {}
     if lpips_net is not None:
         fns["lpips"] = lambda g, t, d: lpips_distance(lpips_net, g, t, d)
+    if "dino" in features:
+        fns["dino"] = lambda g, t, d: dino_cosine(features["dino"], g, t, d)
+    if "lightglue" in features:
+        fns["lightglue"] = lambda g, t, d: lightglue_matches(features["lightglue"], g, t, d)
     if palette is not None:
         fns["maze"] = lambda g, t, d: palette_agreement(g, t, palette, d)
     return {name: np.concatenate([fn(generated[i:i + chunk], truth[i:i + chunk], device)
                                   for i in range(0, len(truth), chunk)]) for name, fn in fns.items()}
+
+
+# ----------------------------------------------------------------------------- feature metrics (optional extras)
+
+# DINOv2, LightGlue, FID and FVD (§4, Table 1, Fig. 8) run networks with pretrained weights. Their packages are an
+# optional extra (pip install -r requirements-metrics.txt) and their weights are files in one folder (--metric_weights):
+# nothing is downloaded. Each metric loads on its own; a missing package or file makes it unavailable, with the way
+# to supply it, and every other metric still runs. Preprocessing follows the authors' code, noted at each step.
+FEATURES = {  # metric -> (package, weight files, where the user gets them)
+    "dino": ("timm", ("dinov2_vitl14_pretrain.pth",),
+             "https://dl.fbaipublicfiles.com/dinov2/dinov2_vitl14/dinov2_vitl14_pretrain.pth"),
+    "lightglue": ("kornia", ("superpoint_v1.pth", "superpoint_lightglue.pth"),
+                  "https://github.com/cvg/LightGlue/releases/download/v0.1_arxiv/<file>"),
+    "fid": ("cleanfid", ("inception-2015-12-05.pt",),
+            "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"),
+    "fvd": ("torch", ("i3d_torchscript.pt",),
+            "https://huggingface.co/kiwhansong/DFoT/resolve/main/metrics_models/i3d_torchscript.pt")}
+SET_METRICS = ("fid", "fvd")  # statistics of the whole test set per frame index, not per video: no standard error
+CLIP = 16  # FVD: I3D sees 16-frame clips, the generated frames cut from the first on (the authors' chunks)
+
+
+def load_feature_nets(folder, metrics=tuple(FEATURES), frame_size=256, device=None,
+                      dino_arch="vit_large_patch14_dinov2"):
+    """The networks of each requested feature metric from `folder` -> ({metric: network(s)}, {metric: why not})."""
+    nets, why = {}, {}
+    for m in metrics:
+        package, files, url = FEATURES[m]
+        missing = [p for p in (os.path.join(folder, f) for f in files) if not os.path.isfile(p)]
+        try:
+            __import__(package)
+        except ImportError:
+            why[m] = f"{METRICS[m][0]}: unavailable (needs the package {package}: pip install -r requirements-metrics.txt)"
+            continue
+        if missing:
+            why[m] = (f"{METRICS[m][0]}: unavailable (needs weights: {', '.join(missing)}, from {url}; never downloaded "
+                      "at run time: put the file(s) there, or point --metric_weights at their folder)")
+            continue
+        path = os.path.join(folder, files[0])
+        if m == "dino":  # the largest multiple of the 14-pixel patch that fits the frame (256 -> 252)
+            nets[m] = dino_net(path, dino_arch, frame_size // 14 * 14).to(device)
+        elif m == "lightglue":
+            nets[m] = superpoint_lightglue(path, os.path.join(folder, files[1]))
+        else:  # TorchScript, the only form of these two files (torch says it is deprecated: not news to the user)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)
+                if m == "fid":  # Inception-v3 as clean-fid wraps it: 2048 pool features of [0, 255] pixels
+                    from cleanfid.inception_torchscript import InceptionV3W
+                    nets[m] = InceptionV3W(folder, download=False).to(device)
+                else:  # I3D on Kinetics-400, as StyleGAN-V converted it (the authors' file)
+                    nets[m] = torch.jit.load(path, map_location="cpu").eval().to(device)
+    return nets, why
+
+
+def dino_net(path, arch="vit_large_patch14_dinov2", size=252):
+    """DINOv2 (timm's ViT) from Meta's checkpoint; its 37² position table resampled to `size` / 14 patches the way
+    torch.hub's DINOv2 (the authors' loader) does at run time: bicubic, no antialias, scale (n + 0.1) / 37."""
+    import timm
+    from timm.models.vision_transformer import checkpoint_filter_fn
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    pos, n = state["pos_embed"], size // 14  # (1, 1 + 37², D)
+    M = math.isqrt(pos.shape[1] - 1)
+    grid = pos[:, 1:].reshape(1, M, M, -1).permute(0, 3, 1, 2).float()  # (1, D, 37, 37)
+    grid = F.interpolate(grid, scale_factor=(n + 0.1) / M, mode="bicubic", antialias=False)  # (1, D, n, n)
+    state["pos_embed"] = torch.cat([pos[:, :1], grid.flatten(2).transpose(1, 2)], 1)  # (1, 1 + n², D)
+    net = timm.create_model(arch, pretrained=False, img_size=size, num_classes=0)  # output: the normed CLS token
+    net.load_state_dict(checkpoint_filter_fn(state, net))
+    return net.eval()
+
+
+@torch.no_grad()
+def dino_cosine(net, x, y, device=None):
+    """Per-frame cosine similarity of DINOv2 CLS tokens -> np.float64 (N,). Frames are centre-cropped to a multiple
+    of the 14-pixel patch (256 -> 252, as the authors) and ImageNet-normalised."""
+    x, y = _pair(x, y, to_float, device)
+    size = net.patch_embed.img_size[0]
+    top, left = (x.shape[2] - size) // 2, (x.shape[3] - size) // 2
+    mean = torch.tensor([0.485, 0.456, 0.406], device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225], device=x.device).view(1, 3, 1, 1)
+    cls = lambda z: net.to(z.device)((z[..., top:top + size, left:left + size] - mean) / std)  # noqa: E731
+    return F.cosine_similarity(cls(x), cls(y), dim=-1).double().cpu().numpy()
+
+
+class SuperPoint(torch.nn.Module):
+    """SuperPoint keypoints and descriptors (DeTone et al. 2018), the detector the paper's LightGlue metric uses,
+    written out as LightGlue's release runs it (the authors' settings: at most 1024 keypoints, non-maximum
+    suppression radius 4, score > 0.0005, 4-pixel border dropped); parameter names of MagicLeap's superpoint_v1.pth."""
+    def __init__(self, max_keypoints=1024, nms_radius=4, threshold=0.0005, border=4):
+        super().__init__()
+        self.k, self.r, self.threshold, self.border = max_keypoints, nms_radius, threshold, border
+        conv = lambda i, o, k=3: torch.nn.Conv2d(i, o, k, padding=k // 2)  # noqa: E731
+        for name, (i, o) in zip(("1a", "1b", "2a", "2b", "3a", "3b", "4a", "4b"), [(1, 64)] + [(64, 64)] * 3 +
+                                [(64, 128)] + [(128, 128)] * 3):  # a VGG encoder, 1/8 resolution
+            setattr(self, f"conv{name}", conv(i, o))
+        self.convPa, self.convPb = conv(128, 256), conv(256, 65, 1)  # detector: 64 pixels of a cell + "none"
+        self.convDa, self.convDb = conv(128, 256), conv(256, 256, 1)  # descriptor
+
+    def forward(self, gray):
+        """(B, 1, H, W) in [0, 1], H and W multiples of 8 -> per image (keypoints (n, 2) as x, y; descriptors (n, 256))."""
+        x = gray
+        for i, name in enumerate(("1a", "1b", "2a", "2b", "3a", "3b", "4a", "4b")):
+            x = F.relu(getattr(self, f"conv{name}")(x))
+            x = F.max_pool2d(x, 2) if i in (1, 3, 5) else x  # (B, 128, H/8, W/8) at the end
+        # softmax over a cell's 64 pixels and "no keypoint", then the cell's channels back to its 8x8 pixels
+        s = F.pixel_shuffle(F.softmax(self.convPb(F.relu(self.convPa(x))), 1)[:, :-1], 8)[:, 0]  # (B, H, W)
+        # non-maximum suppression as LightGlue's release: local maxima, then twice more outside their reach
+        pool = lambda z: F.max_pool2d(z, 2 * self.r + 1, stride=1, padding=self.r)  # noqa: E731
+        peak = s == pool(s)
+        for _ in range(2):
+            near = pool(peak.float()) > 0
+            rest = torch.where(near, 0, s)
+            peak |= (rest == pool(rest)) & ~near
+        s = torch.where(peak, s, 0)
+        b = self.border
+        s[:, :b], s[:, -b:], s[:, :, :b], s[:, :, -b:] = -1, -1, -1, -1
+        d = F.normalize(self.convDb(F.relu(self.convDa(x))), dim=1)  # (B, 256, H/8, W/8)
+        out, (h, w) = [], d.shape[-2:]
+        for si, di in zip(s, d):
+            yx = torch.nonzero(si > self.threshold)  # (n, 2) row-major, as torch.where
+            score = si[yx[:, 0], yx[:, 1]]
+            if len(yx) > self.k:
+                yx = yx[torch.topk(score, self.k).indices]
+            kp = yx.flip(1).float()  # (n, 2) x, y
+            # descriptor at a keypoint: bilinear in the 1/8 map, pixel p -> (p - 3.5) / (8·size - 4.5) · 2 - 1
+            g = (kp - 3.5) / torch.tensor([8 * w - 4.5, 8 * h - 4.5], device=kp.device) * 2 - 1
+            desc = F.grid_sample(di[None], g.view(1, 1, -1, 2), mode="bilinear", align_corners=True)  # (1, 256, 1, n)
+            out.append((kp, F.normalize(desc[0, :, 0].T, dim=1)))  # (n, 2), (n, 256)
+        return out
+
+
+def superpoint_lightglue(superpoint_path, lightglue_path, resize=1024):
+    """(SuperPoint, kornia's LightGlue for SuperPoint features, resize) from the LightGlue release's files."""
+    from kornia.feature import LightGlue
+    sp = SuperPoint()
+    sp.load_state_dict(torch.load(superpoint_path, map_location="cpu", weights_only=True))
+    lg, state = LightGlue(features=None), torch.load(lightglue_path, map_location="cpu", weights_only=True)
+    for i in range(lg.conf.n_layers):  # the release's names, renamed as kornia does for its own download
+        for a in ("self_attn", "cross_attn"):
+            state = {k.replace(f"{a}.{i}", f"transformers.{i}.{a}"): v for k, v in state.items()}
+    lg.load_state_dict(state)
+    return sp.eval().requires_grad_(False), lg.eval().requires_grad_(False), resize
+
+
+@torch.no_grad()
+def lightglue_matches(nets, x, y, device=None, threshold=0.5):
+    """Per frame, the number of LightGlue matches between generated and true frame with confidence > `threshold`
+    -> np.float64 (N,). As the authors' code: each frame upsampled so its long side is 1024 (bilinear, antialiased),
+    grey, SuperPoint keypoints mapped back to frame pixels, one LightGlue call per pair."""
+    from kornia.color import rgb_to_grayscale
+    from kornia.geometry.transform import resize
+    sp, lg, size = nets
+    x, y = _pair(x, y, to_float, device)
+    H, W = x.shape[-2:]
+    sp, lg = sp.to(x.device), lg.to(x.device)
+    feats = []
+    for z in (x, y):
+        z = resize(z, size, side="long", antialias=True)  # (N, 3, H', W')
+        scale = torch.tensor([z.shape[-1] / W, z.shape[-2] / H], device=z.device)
+        feats.append([((kp + 0.5) / scale - 0.5, d) for kp, d in sp(rgb_to_grayscale(z))])
+    image_size = torch.tensor([[W, H]], device=x.device, dtype=torch.float32)
+    count = lambda a, b: (lg({f"image{i}": {"keypoints": kp[None], "descriptors": d[None], "image_size": image_size}  # noqa: E731
+                              for i, (kp, d) in enumerate((a, b))})["scores"][0] > threshold).sum().item()
+    return np.array([count(a, b) for a, b in zip(*feats)], np.float64)
+
+
+@torch.no_grad()
+def inception_features(net, frames, device=None, chunk=64):
+    """FID: Inception-v3 pool features of each frame -> float32 (N, 2048). clean-fid's "clean" resize (the authors'):
+    each channel to 299² by PIL bicubic in float, clipped to [0, 255]."""
+    from cleanfid.resize import build_resizer
+    resize, frames = build_resizer("clean"), np.asarray(frames)
+    out = []
+    for i in range(0, len(frames), chunk):
+        x = np.stack([resize(f) for f in frames[i:i + chunk]])  # (n, 299, 299, 3) float32 in [0, 255]
+        out.append(net(torch.from_numpy(x).permute(0, 3, 1, 2).to(device)).float().cpu())
+    return torch.cat(out).numpy()
+
+
+@torch.no_grad()
+def i3d_features(net, frames, device=None):
+    """FVD: I3D features of each whole 16-frame clip -> float32 (N // 16, 400); pixels to [-1, 1], I3D resizes."""
+    x = to_float(frames[:len(frames) // CLIP * CLIP], device) * 2 - 1  # (J·16, 3, H, W)
+    x = x.view(-1, CLIP, *x.shape[1:]).transpose(1, 2)  # (J, 3, 16, H, W)
+    return torch.cat([net(c[None], rescale=False, resize=True, return_features=True) for c in x]).float().cpu().numpy()
+
+
+def frechet_distance(a, b):
+    """Fréchet distance of Gaussians fitted to feature sets a (Na, D) and b (Nb, D) (FID, FVD):
+    ‖μa − μb‖² + tr Σa + tr Σb − 2 tr (Σa Σb)^½. With centred features X (Σ = XᵀX / (N − 1)) the nonzero eigenvalues
+    of Σa Σb are those of A Aᵀ, A = Xa Xbᵀ / √((Na − 1)(Nb − 1)), so tr (Σa Σb)^½ is the sum of A's singular
+    values: an (Na, Nb) SVD instead of a (D, D) matrix square root, exact, and fast for 2048-d FID per frame index."""
+    a, b = (torch.as_tensor(np.asarray(z), dtype=torch.float64) for z in (a, b))
+    xa, xb, na, nb = a - a.mean(0), b - b.mean(0), len(a) - 1, len(b) - 1
+    root = torch.linalg.svdvals(xa @ xb.T).sum() / math.sqrt(na * nb)
+    return float((a.mean(0) - b.mean(0)).square().sum() + xa.square().sum() / na + xb.square().sum() / nb - 2 * root)
+
+
+def set_curve(generated, truth, K, width=1):
+    """FID per frame index, or FVD per clip given to each of its 16 offsets (NaN after the last whole clip), over the
+    test set: generated (V', J, D) and truth (V, J, D) features of each video's j-th frame or clip (`width`
+    frames) -> (1, K)."""
+    d = [frechet_distance(g, t) for g, t in zip(np.swapaxes(generated, 0, 1), np.swapaxes(truth, 0, 1))]  # (J,)
+    curve = np.repeat(d, width)
+    return np.pad(curve, (0, K - len(curve)), constant_values=np.nan)[None]
 
 
 # ----------------------------------------------------------------------------- horizons, aggregation, references
@@ -221,9 +430,9 @@ def bucket_means(per_frame, buckets):
 
 
 def bucket_spreads(per_frame, buckets):
-    """(V, K) -> [standard error over videos of each video's bucket mean] (0 with a single video)."""
+    """(V, K) -> [standard error over videos of each video's bucket mean] (NaN with one row: FID, FVD)."""
     v = [nanmean(np.asarray(per_frame, np.float64)[:, a - 1:b], 1) for a, b in buckets]  # (V,) each
-    return [float(x.std(ddof=1) / np.sqrt(len(x))) if len(x) > 1 else 0.0 for x in (x[np.isfinite(x)] for x in v)]
+    return [float(x.std(ddof=1) / np.sqrt(len(x))) if len(x) > 1 else math.nan for x in (x[np.isfinite(x)] for x in v)]
 
 
 def derangement(n, seed=0):
@@ -380,15 +589,17 @@ def results_markdown(summary):
         return ["| row | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"] + [
             f"| {name} | " + " | ".join(cells) + " |" for name, cells in rows]
 
-    def cell(m, v, se):  # mean ± standard error: PSNR in dB to 2 decimals, the other metrics (fractions) to 3
-        return f"{v:.2f} ± {se:.2f}" if "psnr" in m else f"{v:.3f} ± {se:.3f}"
+    def cell(m, v, se):  # mean ± standard error: fractions to 3 decimals, the rest (dB, counts, distances) to 2
+        d = 2 if "psnr" in m or m in ("lightglue", *SET_METRICS) else 3
+        return f"{v:.{d}f}" + ("" if math.isnan(se) else f" ± {se:.{d}f}")
     buckets, metrics = [f"{a}-{b}" for a, b in summary["buckets"]], summary["metrics"]
     cols = [(m, b) for m in metrics if m not in PROBE for b in buckets]
     models, best, rows = [r for r in summary["rows"] if not r["reference"]], {}, []
     for m, b in cols:  # (value, se) of the models, best first
         ranked = sorted(((r["metrics"][m][b], r["standard_errors"][m][b]) for r in models if m in r["metrics"]),
                         reverse=metrics[m]["higher_is_better"])
-        if len(ranked) == 1 or len(ranked) > 1 and abs(ranked[0][0] - ranked[1][0]) > ranked[0][1] + ranked[1][1]:
+        if m not in SET_METRICS and (len(ranked) == 1 or len(ranked) > 1 and  # FID, FVD: no spread to lead beyond
+                                     abs(ranked[0][0] - ranked[1][0]) > ranked[0][1] + ranked[1][1]):
             best[m, b] = ranked[0][0]
     for r in summary["rows"]:
         cells = []
@@ -403,8 +614,8 @@ def results_markdown(summary):
     # the reading: at the longest horizon, does a model beat the random-latents reference on some metric?
     ref = next((r["metrics"] for r in summary["rows"] if r["name"] == "random latents"), {})
     last = "-".join(map(str, summary["buckets"][-1]))  # METRICS[m][1]: higher is better
-    above = sorted({r["name"] for r in models for m in ref if m not in PROBE  # the probe's rows have their own verdict
-                    and (r["metrics"][m][last] - ref[m][last]) * (1 if METRICS[m][1] else -1) > 0})
+    above = sorted({r["name"] for r in models for m in ref if m not in PROBE and m not in SET_METRICS  # consistency: the
+                    and (r["metrics"][m][last] - ref[m][last]) * (1 if METRICS[m][1] else -1) > 0})  # probe: its own
     verdict = (f"above it on some metric: {', '.join(above)}" if above else
                "every model is below it on every metric: none is consistent this far at this scale")
     probe = {r["name"]: r["probe"] for r in summary["rows"]}
@@ -414,7 +625,11 @@ def results_markdown(summary):
             f"each bucket. PSNR of identical frames is capped at {PSNR_CAP:g} dB.", ""]
     text += table(head + ["rollout steps", "network evals", "wall s/video", "trained"], rows) + [
         "", f"Reading: at the longest horizon ({last}) against the random-latents reference (real frames, no "
-        f"consistency), {verdict if ref else 'no reference row'}. Bold: a lead beyond both standard errors.", ""]
+        f"consistency), {verdict if ref else 'no reference row'}. Bold: a lead beyond both standard errors.", ""] + [
+        "FID and FVD (quality) compare the whole set of generated frames at each frame index (FVD: 16-frame clips) "
+        "with the true ones: one number per index, no standard error, never bold; with fewer videos than feature "
+        "dimensions (2048, 400) both are biased upward, so compare rows of equal video counts only.", ""
+        ] * any(m in metrics for m in SET_METRICS)
     if any(probe.values()):  # the memory probe over all generated frames: mean ± standard error over videos
         text += ["## Memory probe", "", "Each generated wall pixel is scored by what the compared strategies can know "
                  "of its wall face from the ground-truth context (rollout.knowledge). Colour: agreement of base-colour "
@@ -502,15 +717,16 @@ def report(out_dir, results, video_ext=".mp4"):
         data.atomic_write(os.path.join(out_dir, name), lambda tmp: Path(tmp).write_text(text))
     metrics = [m for m in METRICS if any(m in r.per_frame for r in results.rows)]
 
-    def write_csv(tmp):  # per_frame.csv: one line per (row, video, generated offset), with the video frame index
-        with open(tmp, "w", newline="") as f:
+    def write_csv(tmp):  # per_frame.csv: one line per (row, video, generated offset), with the video frame index;
+        with open(tmp, "w", newline="") as f:  # FID and FVD, one value per offset, on lines of video "all"
             w = csv.writer(f)
             w.writerow(["model", "video", "offset", "frame"] + metrics)
             for r in results.rows:
                 K = next(iter(r.per_frame.values())).shape[1] if r.per_frame else 0
-                w.writerows([r.name, key, k + 1, results.context + k]
-                            + [f"{r.per_frame[m][v, k]:.6g}" if m in r.per_frame else "" for m in metrics]
-                            for v, key in enumerate(r.keys) for k in range(K))
+                for v, key in [*enumerate(r.keys), (0, "all")] if set(SET_METRICS) & set(r.per_frame) else enumerate(r.keys):
+                    w.writerows([r.name, key, k + 1, results.context + k] + [
+                        f"{r.per_frame[m][v, k]:.6g}" if m in r.per_frame and (m in SET_METRICS) == (key == "all") else ""
+                        for m in metrics] for k in range(K))
     data.atomic_write(os.path.join(out_dir, "per_frame.csv"), write_csv)
     plot_curves(os.path.join(out_dir, "consistency.png"), results, metrics)
     for s in results.samples:
@@ -548,17 +764,25 @@ class Model:
 
 
 def evaluate_videos(cfg, keys, load, decode, models, palette=None, lpips_net=None, draw_map=None,
-                    unavailable=None, device="cpu", partner_latents=None, visibility=None):
+                    unavailable=None, device="cpu", partner_latents=None, visibility=None, features=None):
     """The protocol over `keys` in batches of cfg.batch_size -> Results (then `report` writes it). load(key) -> Video;
     decode(z (n, T_l, C), level) -> (n, 3, H, W) in [0, 1]; models: [Model]; draw_map(world, poses, split, size) as
     in data.py; partner_latents(key) -> level-0 latents of frames [context, total), all the random-latents row reads
     of its partner video (default: via load); visibility(video) -> (face (F, W), wall (F, H, W), faces per frame)
-    turns on the memory probe. Latents, actions and metrics live on `device`. Each model rolls out once per sampling
-    seed, a video's metrics are the mean over seeds; the first cfg.num_samples videos become samples."""
+    turns on the memory probe; features: load_feature_nets' networks. Latents, actions and metrics live on `device`.
+    Each model rolls out once per sampling seed, a video's metrics are the mean over seeds (FID / FVD: each seed's
+    video one more sample of the set); the first cfg.num_samples videos become samples."""
     c, n = cfg.context, cfg.total  # 0 < c < n: EvalConfig checks it
     partner_latents = partner_latents or (lambda key: load(key).latents[0][c:n])
     buckets, partner = horizon_buckets(n - c, cfg.buckets), derangement(len(keys), cfg.seed)
     values, wall, samples = {}, {m.name: 0.0 for m in models}, []  # values: row -> metric -> [per video (K,)]
+    features, why = features or {}, dict(unavailable or {})
+    if "fvd" in features and n - c < CLIP:
+        why["fvd"], features = f"FVD: not computed (fewer than {CLIP} generated frames)", {
+            k: v for k, v in features.items() if k != "fvd"}
+    embed = {m: fn for m, fn in (("fid", lambda f: inception_features(features["fid"], f, device)),
+                                 ("fvd", lambda f: i3d_features(features["fvd"], f, device))) if m in features}
+    embedded = {}  # FID / FVD: row (and "truth") -> metric -> [per video and seed, float16 (K or K // 16, D)]
     plans, progress = {m.strategy: m.steps for m in models}, data.Progress("evaluate: videos", len(keys), every=1)
     for start in range(0, len(keys), cfg.batch_size):
         batch = range(start, min(start + cfg.batch_size, len(keys)))
@@ -598,10 +822,13 @@ def evaluate_videos(cfg, keys, load, decode, models, palette=None, lpips_net=Non
             frames["ground-truth latents", 0] = decode_frames(decode, v.latents[0][c:n], 0, device)
             frames["random latents", 0] = decode_frames(decode, partner_latents(keys[partner[i]]), 0, device)
             for name in dict.fromkeys(name for name, _ in frames):  # a video's metrics: the mean over sampling seeds
-                runs = [frame_metrics(f, truth, palette, lpips_net, device) | (probe_metrics(
+                runs = [frame_metrics(f, truth, palette, lpips_net, device, features=features) | (probe_metrics(
                     f, truth, probes[b][0], palette) if probes else {}) for (x, _), f in frames.items() if x == name]
                 for metric in runs[0]:
                     values.setdefault(name, {}).setdefault(metric, []).append(np.mean([r[metric] for r in runs], 0))
+            for (name, _), f in [(("truth", 0), truth), *frames.items()]:  # set metrics: features now, distances last
+                for m, fn in embed.items():  # float16: paper scale holds 1000 x 768 x 2048 per row
+                    embedded.setdefault(name, {}).setdefault(m, []).append(fn(f).astype(np.float16))
             if i < cfg.num_samples:  # whole videos: the context as the decoder shows it, then the rollout
                 context, first = decode_frames(decode, v.latents[0][:c], 0, device), cfg.sampling_seeds[0]
                 plans_ = {m.name: [decode_frames(decode, z[b, :n], l, device) for l, z in enumerate(out[m.name, first])]
@@ -616,6 +843,10 @@ def evaluate_videos(cfg, keys, load, decode, models, palette=None, lpips_net=Non
                 samples.append(Sample(keys[i], shown, mp, plans_))
         progress.update(len(batch))
     progress.close()
+    for name, sets in embedded.items():  # FID per generated frame index, FVD per clip, each over the whole test set
+        for m, x in sets.items():
+            if name != "truth":
+                values[name][m] = [set_curve(np.stack(x), np.stack(embedded["truth"][m]), n - c, CLIP if m == "fvd" else 1)[0]]
     table = {name: {k: np.stack(x) for k, x in metrics.items()} for name, metrics in values.items()}
     for strategy in dict.fromkeys(m.strategy for m in models if m.strategy):  # training seeds pooled: per video, mean
         names = [m.name for m in models if m.strategy == strategy]
@@ -627,8 +858,9 @@ def evaluate_videos(cfg, keys, load, decode, models, palette=None, lpips_net=Non
     refs = ("ground-truth latents", "random latents")
     rows = [Row(name, t, list(keys), False, *cost.get(name, ())) for name, t in table.items() if name not in refs]
     rows += [Row(name, table[name], list(keys), True) for name in refs]
-    why = dict(UNAVAILABLE) | (unavailable or {}) | ({} if palette is not None else {
-        "maze": "maze colour: not computed (no palette of base colours: Loopcraft has none)"})
+    why |= {m: f"{METRICS[m][0]}: unavailable (needs weights: {' + '.join(FEATURES[m][1])} and the packages of "
+            "requirements-metrics.txt; README: Feature metrics)" for m in FEATURES if m not in features and m not in why}
+    why |= {} if palette is not None else {"maze": "maze colour: not computed (no palette of base colours: Loopcraft has none)"}
     return Results(rows, c, buckets, samples, why, dataclasses.asdict(cfg), cfg.fps)
 
 
@@ -750,10 +982,12 @@ def evaluate(cfg, preset="paper"):
         models.append(Model(name, rollout_of(net, steps, clipped), cost["rollout_steps"],  # CFG: twice the evaluations
                             cost["nfe"] * (1 if cfg.cfg_scale == 1 else 2), trained, strategy, (steps, clipped)))
     lpips_net, why = tokenizer.lpips_net("alex") if cfg.lpips else (None, "LPIPS: switched off (--lpips=false)")
-    notes = source["notes"] | ({"lpips": why} if why else {})
+    features, missing = load_feature_nets(cfg.metric_weights, cfg.features, source["ae"].cfg.image_size, device)
+    notes = source["notes"] | ({"lpips": why} if why else {}) | missing | {
+        m: f"{METRICS[m][0]}: switched off (--features)" for m in FEATURES if m not in cfg.features}
     results = evaluate_videos(cfg, source["keys"], source["load"], decode_with(source["ae"]), models,
                               source["palette"], lpips_net, data.draw_map, notes, device, source["partner"],
-                              source["visibility"])
+                              source["visibility"], features)
     results.config["git_commit"] = tokenizer.git_commit()
     return report(cfg.out or (f"{cfg.official}/eval" if cfg.official else f"{cfg.root}/eval"), results)
 
