@@ -174,8 +174,10 @@ def identity_lightglue(LightGlue, sharpness=300.0):
         for head in lg.log_assignment:
             head.final_proj.weight.copy_(sharpness * torch.eye(256)), head.final_proj.bias.zero_()
             head.matchability.weight.zero_(), head.matchability.bias.fill_(20.0)
-    state = {}  # saved with the release's names, as in superpoint_lightglue.pth: self_attn.3.* for transformers.3.self_attn.*
-    for k, v in lg.state_dict().items():
+    state = {}  # as the release's superpoint_lightglue.pth: self_attn.3.* for transformers.3.self_attn.*, and no
+    for k, v in lg.state_dict().items():  # confidence_thresholds (a buffer LightGlue derives, newer than the file)
+        if k == "confidence_thresholds":
+            continue
         for i in range(lg.conf.n_layers):
             k = k.replace(f"transformers.{i}.self_attn", f"self_attn.{i}").replace(f"transformers.{i}.cross_attn",
                                                                                   f"cross_attn.{i}")
@@ -190,6 +192,9 @@ def test_lightglue_counts_every_keypoint_of_identical_frames(tmp_path):
     nets, why = ev.load_feature_nets(str(tmp_path), ("lightglue",))
     assert why == {}
     sp, lg, size = nets["lightglue"]
+    torch.save({"head.weight": torch.zeros(3)}, tmp_path / "other.pth")  # anything else: refused, naming the file
+    with pytest.raises(ValueError, match="other.pth: not LightGlue's SuperPoint weights"):
+        ev.superpoint_lightglue(str(tmp_path / "superpoint_v1.pth"), str(tmp_path / "other.pth"))
     assert size == 1024  # the authors' extraction: long side upsampled to 1024
     nets = (sp, lg, 64)  # here: 32² frames at 64²
     frames = smooth_frames(3, 32)
