@@ -229,15 +229,16 @@ def load_feature_nets(folder, metrics=tuple(FEATURES), frame_size=256, device=No
     nets, why = {}, {}
     for m in metrics:
         package, files, url = FEATURES[m]
-        missing = [p for p in (os.path.join(folder, f) for f in files) if not os.path.isfile(p)]
+        missing, needs = [p for p in (os.path.join(folder, f) for f in files) if not os.path.isfile(p)], []
         try:
             __import__(package)
         except ImportError:
-            why[m] = f"{METRICS[m][0]}: unavailable (needs the package {package}: pip install -r requirements-metrics.txt)"
-            continue
+            needs.append(f"the package {package}: pip install -r requirements-metrics.txt")
         if missing:
-            why[m] = (f"{METRICS[m][0]}: unavailable (needs weights: {', '.join(missing)}, from {url}; never downloaded "
-                      "at run time: put the file(s) there, or point --metric_weights at their folder)")
+            needs.append(f"weights: {', '.join(missing)}, from {url}; never downloaded at run time: put the file(s) "
+                         "there, or point --metric_weights at their folder")
+        if needs:  # everything the user must supply, in one message
+            why[m] = f"{METRICS[m][0]}: unavailable (needs {'; and '.join(needs)})"
             continue
         path = os.path.join(folder, files[0])
         if m == "dino":  # the largest multiple of the 14-pixel patch that fits the frame (256 -> 252)

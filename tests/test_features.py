@@ -220,15 +220,15 @@ def test_superpoint_keypoints_respect_border_limit_and_unit_descriptors():
 def test_missing_weights_and_packages_are_named(tmp_path, monkeypatch):
     nets, why = ev.load_feature_nets(str(tmp_path))
     assert nets == {} and set(why) == set(ev.FEATURES)
-    for m, (package, files, url) in ev.FEATURES.items():
-        if _installed(package):  # the file is named with where to get it
-            assert all(os.path.join(str(tmp_path), f) in why[m] for f in files) and url in why[m], why[m]
-            assert "never downloaded" in why[m] and "--metric_weights" in why[m]
-        else:
-            assert f"needs the package {package}: pip install -r requirements-metrics.txt" in why[m]
+    for m, (package, files, url) in ev.FEATURES.items():  # every file named, with where to get it
+        assert why[m].startswith(f"{ev.METRICS[m][0]}: unavailable (needs ")
+        assert all(os.path.join(str(tmp_path), f) in why[m] for f in files) and url in why[m], why[m]
+        assert "never downloaded" in why[m] and "--metric_weights" in why[m]
+        assert (f"the package {package}: pip install -r requirements-metrics.txt" in why[m]) != _installed(package)
     real_import = __import__
     monkeypatch.setattr("builtins.__import__", lambda name, *a, **k: (_ for _ in ()).throw(ImportError(name))
                         if name == "timm" else real_import(name, *a, **k))
+    (tmp_path / "dinov2_vitl14_pretrain.pth").write_bytes(b"")  # the file is there, the package is not
     _, why = ev.load_feature_nets(str(tmp_path), ("dino",))
     assert why["dino"] == "DINOv2 cosine: unavailable (needs the package timm: pip install -r requirements-metrics.txt)"
 
