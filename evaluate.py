@@ -241,18 +241,23 @@ def load_feature_nets(folder, metrics=tuple(FEATURES), frame_size=256, device=No
             why[m] = f"{METRICS[m][0]}: unavailable (needs {'; and '.join(needs)})"
             continue
         path = os.path.join(folder, files[0])
-        if m == "dino":  # the largest multiple of the 14-pixel patch that fits the frame (256 -> 252)
-            nets[m] = dino_net(path, dino_arch, frame_size // 14 * 14).to(device)
-        elif m == "lightglue":
-            nets[m] = superpoint_lightglue(path, os.path.join(folder, files[1]))
-        else:  # TorchScript, the only form of these two files (torch says it is deprecated: not news to the user)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", FutureWarning)
-                if m == "fid":  # Inception-v3 as clean-fid wraps it: 2048 pool features of [0, 255] pixels
-                    from cleanfid.inception_torchscript import InceptionV3W
-                    nets[m] = InceptionV3W(folder, download=False).to(device)
-                else:  # I3D on Kinetics-400, as StyleGAN-V converted it (the authors' file)
-                    nets[m] = torch.jit.load(path, map_location="cpu").eval().to(device)
+        try:  # a truncated download or another file stops the evaluation before any work, naming the file
+            if m == "dino":  # the largest multiple of the 14-pixel patch that fits the frame (256 -> 252)
+                nets[m] = dino_net(path, dino_arch, frame_size // 14 * 14).to(device)
+            elif m == "lightglue":
+                nets[m] = superpoint_lightglue(path, os.path.join(folder, files[1]))
+            else:  # TorchScript, the only form of these two files (torch says it is deprecated: not news to the user)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", FutureWarning)
+                    if m == "fid":  # Inception-v3 as clean-fid wraps it: 2048 pool features of [0, 255] pixels
+                        from cleanfid.inception_torchscript import InceptionV3W
+                        nets[m] = InceptionV3W(folder, download=False).to(device)
+                    else:  # I3D on Kinetics-400, as StyleGAN-V converted it (the authors' file)
+                        nets[m] = torch.jit.load(path, map_location="cpu").eval().to(device)
+        except Exception as e:
+            raise ValueError(f"{' or '.join(os.path.join(folder, f) for f in files)}: not readable as weights for "
+                             f"{METRICS[m][0]} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); download "
+                             f"again from {url}, or leave it out with --features") from e
     return nets, why
 
 

@@ -233,6 +233,12 @@ def test_missing_weights_and_packages_are_named(tmp_path, monkeypatch):
     assert why["dino"] == "DINOv2 cosine: unavailable (needs the package timm: pip install -r requirements-metrics.txt)"
 
 
+def test_a_truncated_weight_file_stops_before_any_work_naming_it(tmp_path):
+    (tmp_path / "i3d_torchscript.pt").write_bytes(b"PK\x03\x04 half a download")
+    with pytest.raises(ValueError, match=r"i3d_torchscript.pt: not readable as weights for FVD .*download again from"):
+        ev.load_feature_nets(str(tmp_path), ("fvd",))
+
+
 def _installed(package):
     try:
         __import__(package)
