@@ -393,7 +393,7 @@ def i3d_features(net, frames, device=None):
     """FVD: I3D features of each whole 16-frame clip -> float32 (N // 16, 400); pixels to [-1, 1], I3D resizes."""
     x = to_float(frames[:len(frames) // CLIP * CLIP], device) * 2 - 1  # (J·16, 3, H, W)
     x = x.view(-1, CLIP, *x.shape[1:]).transpose(1, 2)  # (J, 3, 16, H, W)
-    return torch.cat([net(c[None], rescale=False, resize=True, return_features=True) for c in x]).float().cpu().numpy()
+    return net(x.contiguous(), rescale=False, resize=True, return_features=True).float().cpu().numpy()
 
 
 def frechet_distance(a, b):
