@@ -389,11 +389,13 @@ def inception_features(net, frames, device=None, chunk=64):
 
 
 @torch.no_grad()
-def i3d_features(net, frames, device=None):
-    """FVD: I3D features of each whole 16-frame clip -> float32 (N // 16, 400); pixels to [-1, 1], I3D resizes."""
+def i3d_features(net, frames, device=None, chunk=8):
+    """FVD: I3D features of each whole 16-frame clip -> float32 (N // 16, 400); pixels to [-1, 1], I3D resizes
+    (to 224²), `chunk` clips at a time."""
     x = to_float(frames[:len(frames) // CLIP * CLIP], device) * 2 - 1  # (J·16, 3, H, W)
     x = x.view(-1, CLIP, *x.shape[1:]).transpose(1, 2)  # (J, 3, 16, H, W)
-    return net(x.contiguous(), rescale=False, resize=True, return_features=True).float().cpu().numpy()
+    return torch.cat([net(x[i:i + chunk].contiguous(), rescale=False, resize=True, return_features=True)
+                      for i in range(0, len(x), chunk)]).float().cpu().numpy()
 
 
 def frechet_distance(a, b):
