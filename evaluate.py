@@ -255,9 +255,10 @@ def load_feature_nets(folder, metrics=tuple(FEATURES), frame_size=256, device=No
                     else:  # I3D on Kinetics-400, as StyleGAN-V converted it (the authors' file)
                         nets[m] = torch.jit.load(path, map_location="cpu").eval().to(device)
         except Exception as e:
+            first = (str(e).splitlines() or [""])[0]
             raise ValueError(f"{' or '.join(os.path.join(folder, f) for f in files)}: not readable as weights for "
-                             f"{METRICS[m][0]} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); download "
-                             f"again from {url}, or leave it out with --features") from e
+                             f"{METRICS[m][0]} ({type(e).__name__}: {first}); download again from {url}, or leave it "
+                             "out with --features") from e
     return nets, why
 
 
@@ -305,7 +306,8 @@ class SuperPoint(torch.nn.Module):
         self.convDa, self.convDb = conv(128, 256), conv(256, 256, 1)  # descriptor
 
     def forward(self, gray):
-        """(B, 1, H, W) in [0, 1], H and W multiples of 8 -> per image (keypoints (n, 2) as x, y; descriptors (n, 256))."""
+        """(B, 1, H, W) in [0, 1], H and W multiples of 8 -> per image (keypoints (n, 2) as x, y; descriptors
+        (n, 256))."""
         x = gray
         for i, name in enumerate(("1a", "1b", "2a", "2b", "3a", "3b", "4a", "4b")):
             x = F.relu(getattr(self, f"conv{name}")(x))
@@ -349,7 +351,8 @@ def superpoint_lightglue(superpoint_path, lightglue_path, resize=1024):
     # strict but for a buffer LightGlue derives in __init__, which the v0.1 release file predates
     missing, unexpected = lg.load_state_dict(state, strict=False)
     if unexpected or set(missing) - {"confidence_thresholds"}:
-        raise ValueError(f"{lightglue_path}: not LightGlue's SuperPoint weights (missing {missing}, unexpected {unexpected})")
+        raise ValueError(f"{lightglue_path}: not LightGlue's weights for SuperPoint (missing {missing}, "
+                         f"unexpected {unexpected})")
     return sp.eval().requires_grad_(False), lg.eval().requires_grad_(False), resize
 
 
@@ -369,8 +372,8 @@ def lightglue_matches(nets, x, y, device=None, threshold=0.5):
         z = resize(z, size, side="long", antialias=True)  # (N, 3, H', W')
         scale = torch.tensor([z.shape[-1] / W, z.shape[-2] / H], device=z.device)
         feats.append([((kp + 0.5) / scale - 0.5, d) for kp, d in sp(rgb_to_grayscale(z))])
-    image_size = torch.tensor([[W, H]], device=x.device, dtype=torch.float32)
-    count = lambda a, b: (lg({f"image{i}": {"keypoints": kp[None], "descriptors": d[None], "image_size": image_size}  # noqa: E731
+    wh = torch.tensor([[W, H]], device=x.device, dtype=torch.float32)  # LightGlue normalises keypoints by it
+    count = lambda a, b: (lg({f"image{i}": {"keypoints": kp[None], "descriptors": d[None], "image_size": wh}  # noqa
                               for i, (kp, d) in enumerate((a, b))})["scores"][0] > threshold).sum().item()
     return np.array([count(a, b) for a, b in zip(*feats)], np.float64)
 
@@ -627,8 +630,8 @@ def results_markdown(summary):
     # the reading: at the longest horizon, does a model beat the random-latents reference on some metric?
     ref = next((r["metrics"] for r in summary["rows"] if r["name"] == "random latents"), {})
     last = "-".join(map(str, summary["buckets"][-1]))  # METRICS[m][1]: higher is better
-    above = sorted({r["name"] for r in models for m in ref if m not in PROBE and m not in SET_METRICS  # consistency: the
-                    and (r["metrics"][m][last] - ref[m][last]) * (1 if METRICS[m][1] else -1) > 0})  # probe: its own
+    above = sorted({r["name"] for r in models for m in ref if m not in PROBE and m not in SET_METRICS  # consistency
+                    and (r["metrics"][m][last] - ref[m][last]) * (1 if METRICS[m][1] else -1) > 0})  # (probe: its own)
     verdict = (f"above it on some metric: {', '.join(above)}" if above else
                "every model is below it on every metric: none is consistent this far at this scale")
     probe = {r["name"]: r["probe"] for r in summary["rows"]}
@@ -736,10 +739,11 @@ def report(out_dir, results, video_ext=".mp4"):
             w.writerow(["model", "video", "offset", "frame"] + metrics)
             for r in results.rows:
                 K = next(iter(r.per_frame.values())).shape[1] if r.per_frame else 0
-                for v, key in [*enumerate(r.keys), (0, "all")] if set(SET_METRICS) & set(r.per_frame) else enumerate(r.keys):
+                lines = [*enumerate(r.keys)] + [(0, "all")] * bool(set(SET_METRICS) & set(r.per_frame))
+                for v, key in lines:  # a metric's value where its kind (per video, or of the set) fits the line
                     w.writerows([r.name, key, k + 1, results.context + k] + [
-                        f"{r.per_frame[m][v, k]:.6g}" if m in r.per_frame and (m in SET_METRICS) == (key == "all") else ""
-                        for m in metrics] for k in range(K))
+                        f"{r.per_frame[m][v, k]:.6g}" if m in r.per_frame and (m in SET_METRICS) == (key == "all")
+                        else "" for m in metrics] for k in range(K))
     data.atomic_write(os.path.join(out_dir, "per_frame.csv"), write_csv)
     plot_curves(os.path.join(out_dir, "consistency.png"), results, metrics)
     for s in results.samples:
@@ -859,7 +863,8 @@ def evaluate_videos(cfg, keys, load, decode, models, palette=None, lpips_net=Non
     for name, sets in embedded.items():  # FID per generated frame index, FVD per clip, each over the whole test set
         for m, x in sets.items():
             if name != "truth":
-                values[name][m] = [set_curve(np.stack(x), np.stack(embedded["truth"][m]), n - c, CLIP if m == "fvd" else 1)[0]]
+                truth = np.stack(embedded["truth"][m])
+                values[name][m] = [set_curve(np.stack(x), truth, n - c, CLIP if m == "fvd" else 1)[0]]
     table = {name: {k: np.stack(x) for k, x in metrics.items()} for name, metrics in values.items()}
     for strategy in dict.fromkeys(m.strategy for m in models if m.strategy):  # training seeds pooled: per video, mean
         names = [m.name for m in models if m.strategy == strategy]
@@ -872,8 +877,9 @@ def evaluate_videos(cfg, keys, load, decode, models, palette=None, lpips_net=Non
     rows = [Row(name, t, list(keys), False, *cost.get(name, ())) for name, t in table.items() if name not in refs]
     rows += [Row(name, table[name], list(keys), True) for name in refs]
     why |= {m: f"{METRICS[m][0]}: unavailable (needs weights: {' + '.join(FEATURES[m][1])} and the packages of "
-            "requirements-metrics.txt; README: Feature metrics)" for m in FEATURES if m not in features and m not in why}
-    why |= {} if palette is not None else {"maze": "maze colour: not computed (no palette of base colours: Loopcraft has none)"}
+            "requirements-metrics.txt; README: Feature metrics)" for m in FEATURES if m not in features | why}
+    if palette is None:
+        why["maze"] = "maze colour: not computed (no palette of base colours: Loopcraft has none)"
     return Results(rows, c, buckets, samples, why, dataclasses.asdict(cfg), cfg.fps)
 
 

@@ -44,7 +44,7 @@ def frechet_by_matrix_root(a, b):
 @pytest.mark.parametrize("na, nb, d", [(40, 30, 8), (12, 9, 50)])  # more samples than dimensions, and fewer
 def test_frechet_distance_matches_the_matrix_square_root(na, nb, d):
     a, b = RNG.normal(size=(na, d)), RNG.normal(0.3, 1.5, size=(nb, d)) @ RNG.normal(size=(d, d))
-    np.testing.assert_allclose(ev.frechet_distance(a, b), frechet_by_matrix_root(a, b), rtol=1e-7)  # its eigvalsh: ~1e-9
+    np.testing.assert_allclose(ev.frechet_distance(a, b), frechet_by_matrix_root(a, b), rtol=1e-7)  # eigvalsh: ~1e-9
 
 
 def test_frechet_distance_identities():
@@ -193,7 +193,7 @@ def test_lightglue_counts_every_keypoint_of_identical_frames(tmp_path):
     assert why == {}
     sp, lg, size = nets["lightglue"]
     torch.save({"head.weight": torch.zeros(3)}, tmp_path / "other.pth")  # anything else: refused, naming the file
-    with pytest.raises(ValueError, match="other.pth: not LightGlue's SuperPoint weights"):
+    with pytest.raises(ValueError, match="other.pth: not LightGlue's weights for SuperPoint"):
         ev.superpoint_lightglue(str(tmp_path / "superpoint_v1.pth"), str(tmp_path / "other.pth"))
     assert size == 1024  # the authors' extraction: long side upsampled to 1024
     nets = (sp, lg, 64)  # here: 32² frames at 64²
